@@ -1,0 +1,43 @@
+# The two commands a user needs: `make test` and `make report`.
+# Each one sets itself up: the virtual env, the Python packages and the few
+# Debian packages the real runs use (iproute2 for network namespaces, QEMU for
+# the qemu-peer comparison).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test report lab venv debs clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages: only installed when missing, and only when we are root on a
+# Debian-like system; elsewhere the tests that need them skip with a reason.
+debs:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  command -v ip >/dev/null || missing="$$missing iproute2"; \
+	  command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	fi
+
+test: $(STAMP) debs
+	$(BIN)/python -m pytest -q
+
+report: $(STAMP) debs
+	$(BIN)/migfd report
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) reports

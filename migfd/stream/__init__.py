@@ -1,0 +1,56 @@
+"""Sans-IO codec of QEMU's migration stream (version 3), with fd records.
+
+``StreamWriter`` turns records into bytes and fds for a sink;
+``StreamReader`` turns received bytes and fds into events. No sockets here:
+:mod:`migfd.channel` moves the bytes and fds.
+"""
+
+from migfd.errors import StreamError
+from migfd.stream.constants import Command, ReturnPathMessage, SectionType
+from migfd.stream.ram import RamBlock
+from migfd.stream.reader import (
+    NEED_DATA,
+    CommandRecord,
+    Configuration,
+    EndOfState,
+    Event,
+    Header,
+    RamMemSize,
+    RamPage,
+    SectionFooter,
+    SectionFull,
+    SectionHeader,
+    StreamReader,
+    VMDescription,
+)
+from migfd.stream.vmstate import (
+    Bool,
+    Buffer,
+    Fd,
+    Field,
+    Int,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    List,
+    Struct,
+    Subsection,
+    UInt8,
+    UInt16,
+    UInt32,
+    UInt64,
+    VBuffer,
+    VMStateDescription,
+    vmsd_from_vmdesc,
+)
+from migfd.stream.writer import FdRecord, MemorySink, StreamWriter
+
+__all__ = [
+    "NEED_DATA", "Bool", "Buffer", "Command", "CommandRecord", "Configuration", "EndOfState",
+    "Event", "Fd", "FdRecord", "Field", "Header", "Int", "Int8", "Int16", "Int32", "Int64",
+    "List", "MemorySink", "RamBlock", "RamMemSize", "RamPage", "ReturnPathMessage",
+    "SectionFooter", "SectionFull", "SectionHeader", "SectionType", "StreamError",
+    "StreamReader", "StreamWriter", "Struct", "Subsection", "UInt8", "UInt16", "UInt32",
+    "UInt64", "VBuffer", "VMDescription", "VMStateDescription", "vmsd_from_vmdesc",
+]

@@ -1,0 +1,67 @@
+"""Numbers of QEMU's migration stream (migration/savevm.c, migration/ram.c)."""
+
+from __future__ import annotations
+
+import enum
+
+QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
+QEMU_VM_FILE_VERSION = 3
+
+#: The byte that carries one fd as SCM_RIGHTS (qemu_file_put_fd).
+FD_SERVICE_BYTE = 0x20
+
+TARGET_PAGE_SIZE = 4096
+TARGET_PAGE_BITS = 12
+
+
+class SectionType(enum.IntEnum):
+    """First byte of every top-level record of the stream."""
+
+    EOF = 0x00  #: end of device state; the vmdesc may follow
+    START = 0x01  #: first part of an iterable section (header with name)
+    PART = 0x02  #: one more part of an iterable section (id only)
+    END = 0x03  #: last part of an iterable section (id only)
+    FULL = 0x04  #: a whole non-iterable device section
+    SUBSECTION = 0x05  #: optional part of a vmstate, after the fields
+    VMDESCRIPTION = 0x06  #: JSON description of the devices, after EOF
+    CONFIGURATION = 0x07  #: machine type and capabilities, after the header
+    COMMAND = 0x08  #: out-of-band command (return path, ping, switchover)
+    SECTION_FOOTER = 0x7E  #: closes START/PART/END/FULL with the section id
+
+
+class Command(enum.IntEnum):
+    """QEMU's MIG_CMD_* numbers (be16 on the wire)."""
+
+    OPEN_RETURN_PATH = 1  #: the destination opens its return path
+    PING = 2  #: be32 value, answered by PONG on the return path
+    SWITCHOVER_START = 11  #: the source is about to send the final state
+
+
+#: Payload length of each command we understand; others are refused.
+COMMAND_LENGTH = {
+    Command.OPEN_RETURN_PATH: 0,
+    Command.PING: 4,
+    Command.SWITCHOVER_START: 0,
+}
+
+
+class ReturnPathMessage(enum.IntEnum):
+    """QEMU's MIG_RP_MSG_* numbers: destination to source, be16 type + be16 len."""
+
+    SHUT = 1  #: be32 status: 0 loaded everything, else failed
+    PONG = 3  #: be32 value of the PING it answers
+
+
+# migration/ram.c: flags in the low bits of each be64 page record.
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+
+RAM_SECTION_NAME = "ram"
+RAM_SECTION_VERSION = 4

@@ -1,0 +1,478 @@
+"""An incremental reader of QEMU's migration stream: bytes and fds in, events out.
+
+Bring your own I/O, as h11 does: call :meth:`StreamReader.receive_data` with
+whatever arrived (and the fds that arrived with it), then :meth:`next_event`
+until it returns :data:`NEED_DATA`; :meth:`receive_eof` when the peer is done.
+
+Theory of operation. Every event is parsed from the start of the unconsumed
+bytes by a fresh :class:`Cursor`; if the bytes run out half-way the attempt is
+dropped (nothing consumed, no fd taken) and repeated when more arrive. Events
+are small by construction -- one page record, one device section, one command
+-- so a retry costs at most one record, and an event that would need more than
+``max_record_bytes`` is an error rather than a reason to wait. A malformed
+stream raises :class:`~migfd.errors.StreamError` with the byte offset; nothing
+else escapes (the fuzz tests hold the reader to that).
+
+Fds are queued in arrival order; an fd field takes the oldest one when its
+service byte is parsed. Events hand fds over to the caller, who then owns
+them; :meth:`close` closes any fd still queued.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+from migfd.errors import StreamError
+from migfd.stream import ram
+from migfd.stream.constants import (
+    COMMAND_LENGTH,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    RAM_SECTION_NAME,
+    RAM_SECTION_VERSION,
+    Command,
+    SectionType,
+)
+from migfd.stream.vmstate import Cursor, NeedData, VMStateDescription, load_vmstate
+from migfd.stream.writer import CAPABILITIES_SUBSECTION, TARGET_PAGE_BITS_SUBSECTION
+
+MAX_RECORD_BYTES = 32 << 20
+MAX_VMDESC_BYTES = 16 << 20
+MAX_QUEUED_FDS = 1024
+MAX_CAPABILITIES = 64
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by :meth:`StreamReader.next_event` when more bytes are needed.
+NEED_DATA = _NeedData()
+
+
+# -- events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The stream header: magic and version, both checked."""
+
+    version: int
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """The configuration section: machine type and validated capabilities."""
+
+    machine: str
+    capabilities: tuple[str, ...]
+    target_page_bits: int | None
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SectionHeader:
+    """START, PART or END of an iterable section (RAM); content events follow."""
+
+    type: SectionType
+    section_id: int
+    name: str
+    instance_id: int
+    version_id: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class SectionFooter:
+    """The footer closing a START/PART/END; ``size`` covers the whole section."""
+
+    type: SectionType
+    section_id: int
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SectionFull:
+    """A whole device section with its loaded vmstate (fds in it are now yours)."""
+
+    section_id: int
+    name: str
+    instance_id: int
+    version_id: int
+    vmsd_name: str
+    state: dict
+    offset: int
+    size: int
+    fds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RamMemSize:
+    """The RAM block list of the RAM START."""
+
+    blocks: tuple[ram.RamBlock, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RamPage:
+    """One page record; ``data`` is None for a zero page (filled with ``fill``)."""
+
+    block_id: str
+    offset: int
+    data: bytes | None
+    fill: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """A COMMAND record; ``value`` is the PING value where there is one."""
+
+    command: int
+    data: bytes
+    offset: int
+
+    @property
+    def value(self) -> int | None:
+        if self.command == Command.PING:
+            return struct.unpack(">I", self.data)[0]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfState:
+    """QEMU_VM_EOF: all device state has been sent."""
+
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class VMDescription:
+    """The JSON device description that follows EOF."""
+
+    description: dict
+    offset: int
+    size: int
+
+
+Event = (Header | Configuration | SectionHeader | SectionFooter | SectionFull | RamMemSize
+         | RamPage | CommandRecord | EndOfState | VMDescription)
+
+
+class _State(enum.Enum):
+    HEADER = "header"  #: expecting magic and version
+    TOP = "top"  #: expecting a top-level record
+    RAM_START = "ram-start"  #: inside a RAM START: the block list
+    RAM_RECORDS = "ram-records"  #: inside a RAM PART/END: page records until EOS
+    FOOTER = "footer"  #: expecting the footer of the open section
+    AFTER_EOF = "after-eof"  #: expecting the vmdesc, or the end
+    DONE = "done"  #: nothing more may come
+
+
+Lookup = Callable[[str, int, int], VMStateDescription | None]
+
+
+@dataclass
+class _Open:
+    """The iterable section being read."""
+
+    type: SectionType
+    section_id: int
+    name: str
+    offset: int
+
+
+class StreamReader:
+    """Parses one incoming migration stream into events.
+
+    ``vmsds`` tells how to load device sections: a mapping from section name
+    to description, or a function ``(name, instance_id, version_id)`` that
+    returns one (or None for "unknown section").
+    """
+
+    def __init__(self, vmsds: Mapping[str, VMStateDescription] | Lookup | None = None, *,
+                 max_record_bytes: int = MAX_RECORD_BYTES,
+                 max_queued_fds: int = MAX_QUEUED_FDS):
+        if vmsds is None:
+            vmsds = {}
+        if isinstance(vmsds, Mapping):
+            table = vmsds
+            self._lookup: Lookup = lambda name, instance_id, version_id: table.get(name)
+        else:
+            self._lookup = vmsds
+        self.max_record_bytes = max_record_bytes
+        self.max_queued_fds = max_queued_fds
+        self._buf = bytearray()
+        self._pos = 0  # first unconsumed byte of _buf
+        self._base = 0  # stream offset of _buf[0]
+        self._fds: deque[int] = deque()
+        self._eof = False
+        self._state = _State.HEADER
+        # section id -> (name, instance_id, version_id), learnt from START
+        self._sections: dict[int, tuple[str, int, int]] = {}
+        self._open: _Open | None = None
+        self._ram_blocks: dict[str, int] = {}
+        self._ram_last_block: str | None = None
+        self._failed: StreamError | None = None
+
+    # -- input ----------------------------------------------------------
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next byte to parse."""
+        return self._base + self._pos
+
+    @property
+    def queued_fds(self) -> int:
+        return len(self._fds)
+
+    @property
+    def done(self) -> bool:
+        return self._state is _State.DONE
+
+    def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Queue bytes and the fds that arrived with them; the reader owns the fds."""
+        self._fds.extend(fds)
+        if len(self._fds) > self.max_queued_fds:
+            raise self._fail(StreamError(
+                f"{len(self._fds)} fds queued without a service byte to claim them, "
+                f"more than the limit of {self.max_queued_fds}", self.offset))
+        if data:
+            if self._eof:
+                raise self._fail(StreamError("data after end of stream", self.offset))
+            if self._pos and self._pos * 2 >= len(self._buf):
+                del self._buf[:self._pos]
+                self._base += self._pos
+                self._pos = 0
+            self._buf += data
+
+    def receive_eof(self) -> None:
+        """The peer closed the stream; what remains must parse into events."""
+        self._eof = True
+
+    def close(self) -> None:
+        """Close every fd that was received and never claimed by an event."""
+        while self._fds:
+            fd = self._fds.popleft()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- output ---------------------------------------------------------
+
+    def events(self) -> Iterator[Event]:
+        """Every event the bytes received so far make up."""
+        while True:
+            event = self.next_event()
+            if event is NEED_DATA:
+                return
+            yield event  # type: ignore[misc]
+
+    def next_event(self) -> Event | _NeedData:
+        if self._failed is not None:
+            raise self._failed
+        if self._state is _State.DONE:
+            if self._pos < len(self._buf):
+                raise self._fail(StreamError("trailing bytes after the end of the stream", self.offset))
+            return NEED_DATA
+        cur = Cursor(memoryview(self._buf)[self._pos:], self.offset, self._fds,
+                     limit=self.max_record_bytes)
+        saved = (self._state, self._open, self._ram_last_block)
+        try:
+            event = self._parse(cur)
+        except NeedData:
+            self._state, self._open, self._ram_last_block = saved
+            if self._eof:
+                if self._state is _State.AFTER_EOF and self._pos == len(self._buf):
+                    self._state = _State.DONE
+                    return NEED_DATA
+                raise self._fail(StreamError(f"stream truncated in {self._where()}", self.offset)) from None
+            if len(self._buf) - self._pos > self.max_record_bytes:
+                raise self._fail(StreamError(
+                    f"no complete record within {self.max_record_bytes} bytes", self.offset)) from None
+            return NEED_DATA
+        except StreamError as exc:
+            raise self._fail(exc) from None
+        except (ValueError, RecursionError) as exc:  # e.g. vmdesc-derived descriptions
+            raise self._fail(StreamError(str(exc), cur.offset)) from None
+        self._pos += cur.pos
+        for _ in range(cur.fds_taken):
+            self._fds.popleft()
+        return event
+
+    def _fail(self, exc: StreamError) -> StreamError:
+        self._failed = exc
+        return exc
+
+    def _where(self) -> str:
+        if self._state is _State.HEADER:
+            return "the stream header"
+        if self._open is not None:
+            return f"section '{self._open.name}'"
+        return "a record"
+
+    # -- parsing ----------------------------------------------------------
+
+    def _parse(self, cur: Cursor) -> Event:
+        state = self._state
+        if state is _State.HEADER:
+            return self._parse_header(cur)
+        if state is _State.RAM_START:
+            blocks = ram.decode_mem_size(cur)
+            self._ram_blocks = {b.id: b.length for b in blocks}
+            self._state = _State.FOOTER
+            return RamMemSize(tuple(blocks))
+        if state is _State.RAM_RECORDS:
+            record = ram.decode_record(cur, self._ram_last_block, self._ram_blocks)
+            if record is None:  # EOS: the footer follows at once
+                self._state = _State.FOOTER
+                return self._parse_footer(cur)
+            self._ram_last_block = record.block_id
+            return RamPage(record.block_id, record.offset, record.data, record.fill)
+        if state is _State.FOOTER:
+            return self._parse_footer(cur)
+        if state is _State.AFTER_EOF:
+            return self._parse_vmdesc(cur)
+        return self._parse_top(cur)
+
+    def _parse_header(self, cur: Cursor) -> Header:
+        magic = cur.be32()
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise cur.error(f"not a migration stream: magic 0x{magic:08x}, expected 0x{QEMU_VM_FILE_MAGIC:08x}", 0)
+        version = cur.be32()
+        if version != QEMU_VM_FILE_VERSION:
+            raise cur.error(f"unsupported stream version {version}, expected {QEMU_VM_FILE_VERSION}", 4)
+        self._state = _State.TOP
+        return Header(version)
+
+    def _parse_top(self, cur: Cursor) -> Event:
+        at = cur.offset
+        kind = cur.u8()
+        if kind == SectionType.CONFIGURATION:
+            return self._parse_configuration(cur, at)
+        if kind in (SectionType.START, SectionType.FULL):
+            section_id = cur.be32()
+            name = cur.idstr("section name")
+            instance_id = cur.be32()
+            version_id = cur.be32()
+            if kind == SectionType.FULL:
+                return self._parse_full(cur, at, section_id, name, instance_id, version_id)
+            if name != RAM_SECTION_NAME:
+                raise cur.error(f"iterable section '{name}' is not supported (only '{RAM_SECTION_NAME}')", at)
+            if version_id != RAM_SECTION_VERSION:
+                raise cur.error(f"RAM section version {version_id} is not supported (only {RAM_SECTION_VERSION})", at)
+            if section_id in self._sections:
+                raise cur.error(f"section id {section_id} started twice", at)
+            self._sections[section_id] = (name, instance_id, version_id)
+            self._open = _Open(SectionType.START, section_id, name, at)
+            self._state = _State.RAM_START
+            return SectionHeader(SectionType.START, section_id, name, instance_id, version_id, at)
+        if kind in (SectionType.PART, SectionType.END):
+            section_id = cur.be32()
+            known = self._sections.get(section_id)
+            if known is None:
+                raise cur.error(f"{SectionType(kind).name} for section id {section_id}, which never started", at)
+            name, instance_id, version_id = known
+            self._open = _Open(SectionType(kind), section_id, name, at)
+            self._state = _State.RAM_RECORDS
+            return SectionHeader(SectionType(kind), section_id, name, instance_id, version_id, at)
+        if kind == SectionType.COMMAND:
+            command = cur.be16()
+            length = cur.be16()
+            expected = COMMAND_LENGTH.get(command)  # type: ignore[call-overload]
+            if expected is not None and length != expected:
+                raise cur.error(f"command {Command(command).name} has length {length}, expected {expected}", at)
+            return CommandRecord(command, cur.take(length), at)
+        if kind == SectionType.EOF:
+            self._state = _State.AFTER_EOF
+            return EndOfState(at)
+        if kind == SectionType.VMDESCRIPTION:
+            raise cur.error("device description before EOF", at)
+        raise cur.error(f"unknown section type 0x{kind:02x}", at)
+
+    def _parse_configuration(self, cur: Cursor, at: int) -> Configuration:
+        length = cur.be32()
+        if length > 255:
+            raise cur.error(f"machine type name of {length} bytes", at + 1)
+        raw = cur.take(length)
+        try:
+            machine = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise cur.error(f"machine type is not ASCII: {raw!r}", at + 5) from None
+        capabilities: tuple[str, ...] = ()
+        page_bits = None
+        while cur.peek_u8() == SectionType.SUBSECTION:
+            sub_at = cur.offset
+            cur.u8()
+            name = cur.idstr("subsection name")
+            version = cur.be32()
+            if version != 1:
+                raise cur.error(f"subsection '{name}' version {version} is not supported", sub_at)
+            if name == TARGET_PAGE_BITS_SUBSECTION:
+                page_bits = cur.be32()
+            elif name == CAPABILITIES_SUBSECTION:
+                count = cur.be32()
+                if count > MAX_CAPABILITIES:
+                    raise cur.error(f"{count} capabilities, more than {MAX_CAPABILITIES}", sub_at)
+                capabilities = tuple(cur.idstr("capability name") for _ in range(count))
+            else:
+                raise cur.error(f"unknown subsection '{name}' of configuration", sub_at)
+        return Configuration(machine, capabilities, page_bits, at, cur.offset - at)
+
+    def _parse_full(self, cur: Cursor, at: int, section_id: int, name: str,
+                    instance_id: int, version_id: int) -> SectionFull:
+        vmsd = self._lookup(name, instance_id, version_id)
+        if vmsd is None:
+            raise cur.error(f"unknown section '{name}' (instance {instance_id})", at)
+        state = load_vmstate(cur, vmsd, version_id)
+        self._footer(cur, section_id)
+        fds = tuple(cur.fds[i] for i in range(cur.fds_taken))
+        return SectionFull(section_id, name, instance_id, version_id, vmsd.name, state,
+                           at, cur.offset - at, fds)
+
+    def _footer(self, cur: Cursor, section_id: int) -> None:
+        at = cur.offset
+        kind = cur.u8()
+        if kind != SectionType.SECTION_FOOTER:
+            raise cur.error(f"expected section footer for section id {section_id}, found byte 0x{kind:02x}", at)
+        found = cur.be32()
+        if found != section_id:
+            raise cur.error(f"section footer has id {found}, expected {section_id}", at)
+
+    def _parse_footer(self, cur: Cursor) -> SectionFooter:
+        opened = self._open
+        assert opened is not None
+        self._footer(cur, opened.section_id)
+        self._open = None
+        self._state = _State.TOP
+        return SectionFooter(opened.type, opened.section_id, opened.name, opened.offset,
+                             cur.offset - opened.offset)
+
+    def _parse_vmdesc(self, cur: Cursor) -> VMDescription:
+        at = cur.offset
+        kind = cur.u8()
+        if kind != SectionType.VMDESCRIPTION:
+            raise cur.error(f"expected the device description after EOF, found byte 0x{kind:02x}", at)
+        length = cur.be32()
+        if length > MAX_VMDESC_BYTES:
+            raise cur.error(f"device description of {length} bytes, more than {MAX_VMDESC_BYTES}", at)
+        blob = cur.take(length)
+        try:
+            description = json.loads(blob)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise cur.error(f"device description is not JSON: {exc}", at) from None
+        if not isinstance(description, dict):
+            raise cur.error("device description is not a JSON object", at)
+        self._state = _State.DONE
+        return VMDescription(description, at, cur.offset - at)
