@@ -25,6 +25,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vm(args: argparse.Namespace) -> int:
+    from migfd.vm import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migfd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_inspect)
+
+    from migfd.vm import add_arguments
+
+    p = sub.add_parser("vm", help="run one VM process with a QMP monitor")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_vm)
     return parser
 
 

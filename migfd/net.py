@@ -15,8 +15,8 @@ Kernel facts this module relies on (observed on Linux 6.x):
 * A non-persistent TAP disappears when its last fd closes; a persistent one
   stays (with carrier off) until it is deleted.
 * Frames sent to the interface while nobody reads the TAP fd wait in the TAP
-  queue (``tx_queue_len``, 500 frames by default) and are read by whoever holds
-  the fd next.
+  queue (as many as the link's ``tx_queue_len``, 1000 on Linux 6.x; more are
+  dropped) and are read by whoever holds the fd next.
 * The network namespace of a tun device is the one of the thread that *opened*
   /dev/net/tun; ``setns(2)`` changes only the calling thread; sockets keep the
   namespace they were created in; ``/proc/sys/net`` shows the namespace of the

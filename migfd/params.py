@@ -31,6 +31,8 @@ class MigrationParameters:
     x_max_iterations: int = 30
     #: batch consecutive fd records into one sendmsg (at most 16 each)
     x_batch_fds: bool = False
+    #: bound on every blocking read or write of the migration channel, in ms
+    x_channel_timeout_ms: int = 30_000
 
     def to_qmp(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

@@ -11,13 +11,18 @@ Theory of operation
 One listening UNIX socket; every accepted connection is a :class:`QMPSession`
 (QEMU calls the per-monitor state ``MonitorQMP``) with two tasks:
 
-* the *reader* checks the peer's credentials, queues the greeting, then reads
-  lines and runs their commands one at a time, in order.  While a handler
+* the *reader* checks the peer's credentials, queues the greeting, then cuts
+  the input into JSON values as QEMU's json-streamer does (where braces
+  balance, not at newlines: qemu.qmp sends none) and runs the commands one
+  at a time, in order.  One request may be at most ``max_request_bytes``
+  (1 MiB); a longer one ends that session, not the server.  While a handler
   runs, the reader reads nothing more, so one session's commands never
   overlap, and a slow client is held back by the kernel's socket buffer;
   other sessions have their own reader and are not blocked by an awaiting
   handler.  A sync handler runs in the event loop thread and blocks every
-  session while it runs: anything slow should be an ``async def``.
+  session while it runs: anything slow should be an ``async def``.  Fds that
+  arrive with SCM_RIGHTS (qemu.qmp's ``send_fd_scm``) wait in the session,
+  oldest first, until ``getfd`` names one.
 * the *writer* sends queued lines in order.  Replies and events go through
   the same queue, so an event emitted while a command runs is sent before
   that command's reply, as in QEMU.  When the reader ends (EOF, a fatal
@@ -76,19 +81,20 @@ import inspect
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, overload
 
 from migfd import __version__
 from migfd.errors import MigrationError
 
 __all__ = [
-    "MAX_LINE_BYTES",
+    "MAX_REQUEST_BYTES",
     "MAX_PENDING_FDS",
     "PeerCredentials",
     "QMPError",
@@ -98,9 +104,10 @@ __all__ = [
 
 logger = logging.getLogger("migfd.qmp")
 
-#: Longest request line accepted (without its newline); a longer one is an
-#: error that closes that session.
-MAX_LINE_BYTES = 1 << 20
+#: Longest request accepted, in bytes of its JSON text; a longer one is an
+#: error that closes that session (not the server): after it the stream
+#: cannot be trusted to be in step.
+MAX_REQUEST_BYTES = 1 << 20
 
 #: Most file descriptors a client may have sent and not yet claimed with
 #: ``getfd`` (QEMU's chardev keeps at most TCP_MAX_FDS = 16).
@@ -351,13 +358,14 @@ class QMPSession:
             self._queue(_json_line(_error("GenericError", str(exc))))
         except OSError as exc:
             logger.debug("QMP session %s: receive failed: %s", self.peer, exc)
+        except Exception:
+            # A bug here must end this session only, and leave a trace.
+            logger.exception("QMP session %s failed", self.peer)
         finally:
             self._close_output()
 
     async def _read_requests(self) -> None:
-        limit = self._server.max_line_bytes
-        buffer = bytearray()
-        scanned = 0  # bytes of buffer already known to hold no newline
+        splitter = _JSONSplitter(self._server.max_request_bytes)
         while True:
             data, fds = await self._recvmsg()
             if fds:
@@ -367,23 +375,14 @@ class QMPSession:
                         f"more than {MAX_PENDING_FDS} file descriptors not claimed by getfd"
                     )
             if not data:
-                return  # EOF; an unterminated last line is dropped
-            buffer += data
-            while (newline := buffer.find(b"\n", scanned)) >= 0:
-                line = bytes(buffer[:newline])
-                del buffer[: newline + 1]
-                scanned = 0
-                if len(line) > limit:
-                    raise _SessionFatal(f"JSON parse error, request longer than {limit} bytes")
-                if line.strip():  # QEMU's parser skips whitespace, e.g. getfd's ' '
-                    await self._handle_line(line)
-            scanned = len(buffer)
-            if len(buffer) > limit:
-                raise _SessionFatal(f"JSON parse error, request longer than {limit} bytes")
+                return  # EOF; an unfinished last request is dropped, as QEMU does
+            splitter.feed(data)
+            while (request := splitter.next_value()) is not None:
+                await self._handle_request(request)
 
-    async def _handle_line(self, line: bytes) -> None:
+    async def _handle_request(self, text: bytes) -> None:
         try:
-            request = json.loads(line, parse_constant=_reject_constant)
+            request = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             # No id can be known; qemu.qmp treats an id-less error as the
             # server's parser failing, as QEMU intends.
@@ -401,7 +400,8 @@ class QMPSession:
         except (TypeError, ValueError) as exc:
             logger.error("QMP command %r returned a value that is not JSON: %s",
                          request.get("execute"), exc)
-            fallback = _error("GenericError", f"the command returned a value that is not JSON: {exc}")
+            fallback = _error("GenericError",
+                              f"the command returned a value that is not JSON: {exc}")
             if "id" in reply:
                 fallback["id"] = reply["id"]
             encoded = _json_line(fallback)
@@ -432,7 +432,8 @@ class QMPSession:
             return self._qmp_capabilities(arguments)
         if not self.negotiated:
             # QEMU's monitor knows only qmp_capabilities until negotiation.
-            return _error("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'")
+            return _error("CommandNotFound",
+                          "Expecting capabilities negotiation with 'qmp_capabilities'")
         command = self._server._commands.get(name)
         if command is None:
             return _error("CommandNotFound", f"The command {name} has not been found")
@@ -458,7 +459,8 @@ class QMPSession:
 
     def _qmp_capabilities(self, arguments: dict[str, Any]) -> dict[str, Any]:
         if self.negotiated:
-            return _error("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+            return _error("CommandNotFound",
+                          "Capabilities negotiation is already complete, command ignored")
         for member in arguments:
             if member != "enable":
                 return _error("GenericError", f"Parameter '{member}' is unexpected")
@@ -470,16 +472,128 @@ class QMPSession:
         if enable:
             capability = enable[0]
             if not isinstance(capability, str):
-                return _error("GenericError", "Invalid parameter type for 'enable[0]', expected: string")
+                return _error("GenericError",
+                              "Invalid parameter type for 'enable[0]', expected: string")
             if capability == "oob":
                 return _error("GenericError", "Capability 'oob' not available")
-            return _error("GenericError", f"Parameter 'enable[0]' does not accept value '{capability}'")
+            return _error("GenericError",
+                          f"Parameter 'enable[0]' does not accept value '{capability}'")
         self.negotiated = True
         return {"return": {}}
 
 
 class _SessionFatal(Exception):
     """The session cannot go on; the message is sent as a GenericError first."""
+
+
+# Outside strings only these bytes change the nesting; inside a string only
+# the quote and the backslash matter.  Regexes skip everything else in C.
+_STRUCTURAL = re.compile(rb'[{}\[\]"]')
+_STRING_SPECIAL = re.compile(rb'["\\]')
+_NOT_WHITESPACE = re.compile(rb"[^ \t\r\n]")
+_SCALAR_END = re.compile(rb'[ \t\r\n{}\[\]",:]')
+
+
+class _JSONSplitter:
+    """Cut a byte stream into JSON values, the way QEMU's json-streamer does.
+
+    QEMU does not frame requests by lines: a request ends where its braces
+    and brackets balance, outside strings (qemu.qmp sends no newline at all).
+    Whitespace between values is skipped, so the ' ' byte that carries an
+    fd with SCM_RIGHTS is harmless.  A top-level scalar ends at whitespace
+    or punctuation.  This only finds the boundaries; json.loads judges the
+    value.  A value longer than ``max_value_bytes`` raises _SessionFatal:
+    the stream cannot be resynchronised after it.
+    """
+
+    def __init__(self, max_value_bytes: int) -> None:
+        self._max = max_value_bytes
+        self._buffer = bytearray()
+        self._pos = 0  # next byte to scan
+        self._start: int | None = None  # first byte of the value being cut
+        self._depth = 0
+        self._in_string = False
+        self._scalar = False
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_value(self) -> bytes | None:
+        """The next complete value, or None until more data is fed."""
+        buf = self._buffer
+        while True:
+            if self._start is None:
+                match = _NOT_WHITESPACE.search(buf, self._pos)
+                if match is None:
+                    del buf[:]
+                    self._pos = 0
+                    return None
+                self._start = match.start()
+                self._pos = self._start + 1
+                first = buf[self._start : self._pos]
+                if first in (b"{", b"["):
+                    self._depth = 1
+                elif first == b'"':
+                    self._in_string = True
+                elif first in (b"}", b"]"):
+                    return self._cut(self._pos)  # unbalanced: json.loads refuses it
+                else:
+                    self._scalar = True
+            elif self._in_string:
+                match = _STRING_SPECIAL.search(buf, self._pos)
+                if match is None:
+                    self._pos = len(buf)
+                    break
+                if match.group() == b"\\":
+                    if match.end() == len(buf):
+                        self._pos = match.start()  # the escaped byte is not here yet
+                        break
+                    self._pos = match.end() + 1
+                else:
+                    self._in_string = False
+                    self._pos = match.end()
+                    if self._depth == 0:
+                        return self._cut(self._pos)
+            elif self._scalar:
+                match = _SCALAR_END.search(buf, self._pos)
+                if match is None:
+                    self._pos = len(buf)
+                    break
+                self._scalar = False
+                return self._cut(match.start())
+            else:
+                match = _STRUCTURAL.search(buf, self._pos)
+                if match is None:
+                    self._pos = len(buf)
+                    break
+                self._pos = match.end()
+                byte = match.group()
+                if byte == b'"':
+                    self._in_string = True
+                elif byte in (b"{", b"["):
+                    self._depth += 1
+                else:
+                    self._depth -= 1
+                    if self._depth == 0:
+                        return self._cut(self._pos)
+        # Incomplete: keep only the value being cut.
+        assert self._start is not None
+        if len(buf) - self._start > self._max:
+            raise _SessionFatal(f"JSON parse error, request longer than {self._max} bytes")
+        del buf[: self._start]
+        self._pos -= self._start
+        self._start = 0
+        return None
+
+    def _cut(self, end: int) -> bytes:
+        assert self._start is not None
+        if end - self._start > self._max:
+            raise _SessionFatal(f"JSON parse error, request longer than {self._max} bytes")
+        value = bytes(self._buffer[self._start : end])
+        self._start = None
+        self._pos = end
+        self._depth = 0
+        return value
 
 
 class QMPServer:
@@ -498,7 +612,7 @@ class QMPServer:
         allowed_uids: Iterable[int] | None = None,
         version: tuple[int, int, int] = (7, 2, 0),
         package: str | None = None,
-        max_line_bytes: int = MAX_LINE_BYTES,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self.path = os.fspath(path)
         self.mode = mode
@@ -508,7 +622,7 @@ class QMPServer:
             "qemu": {"micro": micro, "minor": minor, "major": major},
             "package": f"migfd-{__version__}" if package is None else package,
         }
-        self.max_line_bytes = max_line_bytes
+        self.max_request_bytes = max_request_bytes
         self._commands: dict[str, _Command] = {}
         self._sessions: set[QMPSession] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -550,7 +664,10 @@ class QMPServer:
         return tuple(self._sessions)
 
     def emit(self, event: str, data: Mapping[str, Any] | None = None) -> None:
-        """Send an event to every negotiated session; call in the loop's thread."""
+        """Send an event to every negotiated session; call in the loop's thread.
+
+        ``data`` that is not JSON raises TypeError or ValueError here.
+        """
         if self._loop_thread is not None and threading.get_ident() != self._loop_thread:
             raise RuntimeError("QMPServer.emit() called from another thread; use emit_threadsafe()")
         self._broadcast(self._event_line(event, data))
@@ -589,10 +706,8 @@ class QMPServer:
 
     async def start(self) -> None:
         """Create the socket file and accept clients."""
-        if self._loop is not None:
-            raise RuntimeError("QMPServer.start() called twice")
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        if self._listen_sock is not None or self._closing:
+            raise RuntimeError("QMPServer.start() called twice or after close()")
         self._remove_stale_socket()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -611,6 +726,8 @@ class QMPServer:
             sock.close()
             raise
         self._listen_sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._accept_task = self._loop.create_task(self._accept_loop())
         logger.info("QMP monitor listening on %s", self.path)
 

@@ -20,9 +20,28 @@ from hypothesis import strategies as st
 
 from migfd import net
 
-HAVE_TAP = os.geteuid() == 0 and os.path.exists(net.TUN_DEVICE_PATH)
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+
+
+def _has_capabilities(*caps: int) -> bool:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                effective = int(line.split()[1], 16)
+                return all(effective >> cap & 1 for cap in caps)
+    return False
+
+
+HAVE_TAP = (
+    os.geteuid() == 0
+    and os.path.exists(net.TUN_DEVICE_PATH)
+    and _has_capabilities(CAP_NET_ADMIN, CAP_SYS_ADMIN)
+)
 needs_tap = pytest.mark.skipif(
-    not HAVE_TAP, reason="needs root and /dev/net/tun (TAP devices, network namespaces)"
+    not HAVE_TAP,
+    reason="needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN, and /dev/net/tun "
+    "(TAP devices, network namespaces)",
 )
 
 PROBE_MAC = bytes.fromhex("020000000001")

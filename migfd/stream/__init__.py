@@ -40,6 +40,7 @@ from migfd.stream.vmstate import (
     UInt16,
     UInt32,
     UInt64,
+    VArray,
     VBuffer,
     VMStateDescription,
     vmsd_from_vmdesc,
@@ -52,5 +53,5 @@ __all__ = [
     "List", "MemorySink", "RamBlock", "RamMemSize", "RamPage", "ReturnPathMessage",
     "SectionFooter", "SectionFull", "SectionHeader", "SectionType", "StreamError",
     "StreamReader", "StreamWriter", "Struct", "Subsection", "UInt8", "UInt16", "UInt32",
-    "UInt64", "VBuffer", "VMDescription", "VMStateDescription", "vmsd_from_vmdesc",
+    "UInt64", "VArray", "VBuffer", "VMDescription", "VMStateDescription", "vmsd_from_vmdesc",
 ]

@@ -243,6 +243,46 @@ class VBuffer(Field):
 
 
 @dataclass(frozen=True)
+class VArray(Field):
+    """A be32 count, then that many elements of one field type (VMSTATE_VARRAY_UINT32).
+
+    An array of :class:`Fd` puts its fd records back to back, so a channel may
+    batch them into one sendmsg.
+    """
+
+    element: Field | None = None
+    max_elements: int = MAX_LIST_ELEMENTS
+
+    @property
+    def vmdesc_type(self) -> str:  # type: ignore[override]
+        assert self.element is not None
+        return self.element.vmdesc_type
+
+    def save(self, sink: Sink, value: Any) -> int:
+        assert self.element is not None
+        if len(value) > self.max_elements:
+            raise ValueError(f"field '{self.name}': {len(value)} elements exceed {self.max_elements}")
+        sink.put_buffer(struct.pack(">I", len(value)))
+        return 4 + sum(self.element.save(sink, v) for v in value)
+
+    def load(self, cur: Cursor) -> list:
+        assert self.element is not None
+        at = cur.offset
+        count = cur.be32()
+        if count > self.max_elements:
+            raise cur.error(f"field '{self.name}': {count} elements exceed its bound of {self.max_elements}", at)
+        return [self.element.load(cur) for _ in range(count)]
+
+    def vmdesc_fields(self, value: Any) -> list[dict]:
+        assert self.element is not None
+        sizes = [self.element.save(_CountingSink(), v) for v in value]
+        entry = {"name": self.name, "type": self.vmdesc_type, "size": sizes[0] if sizes else 0}
+        if len(value) != 1:
+            entry["array_len"] = len(value)
+        return [{"name": self.name + ".len", "type": "uint32", "size": 4}, entry]
+
+
+@dataclass(frozen=True)
 class Fd(Field):
     """A file descriptor (VMSTATE_FD): one service byte, the fd beside it.
 
@@ -416,7 +456,7 @@ def vmdesc_entry(vmsd: VMStateDescription, state: dict) -> dict:
     fields: list[dict] = []
     for f in vmsd.fields:
         value = state[f.name]
-        if isinstance(f, VBuffer):
+        if isinstance(f, (VBuffer, VArray)):
             fields.extend(f.vmdesc_fields(value))
             continue
         size = f.save(_CountingSink(), value)

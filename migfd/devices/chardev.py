@@ -1,0 +1,209 @@
+"""A socket chardev (QEMU's ``-chardev socket,server=on``) whose guest echoes lines.
+
+The backend is the listening UNIX socket and the client connected to it. With
+handover both fds move to the destination and the client notices nothing: the
+connection is the same kernel object. With state copy the source closes both
+at switchover, the destination listens again at the same path, and the client
+sees EOF and must reconnect. A line received in part travels as state.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from typing import Any
+
+from migfd.devices.base import Device, RunControl
+from migfd.errors import MigrationError
+from migfd.stream.vmstate import Bool, Fd, Subsection, UInt64, VBuffer, VMStateDescription
+
+MAX_PENDING = 64 * 1024
+
+_LISTENER = VMStateDescription(
+    "chardev-socket/listener", version_id=1, minimum_version_id=1, fields=(Fd("listener_fd"),))
+_CLIENT = VMStateDescription(
+    "chardev-socket/client", version_id=1, minimum_version_id=1, fields=(Fd("client_fd"),))
+
+VMSD = VMStateDescription(
+    "chardev-socket", version_id=1, minimum_version_id=1,
+    fields=(VBuffer("path", max_size=108), Bool("connected"), UInt64("lines_echoed"),
+            VBuffer("pending", max_size=MAX_PENDING)),
+    subsections=(
+        Subsection(_LISTENER, needed=lambda state: state.get("listener_fd") is not None),
+        Subsection(_CLIENT, needed=lambda state: state.get("client_fd") is not None),
+    ))
+
+
+class ChardevSocket(Device):
+    """``-chardev socket,id=ID,path=PATH,server=on[,backend-transfer=on]``."""
+
+    kind = "socket"
+    vmsd = VMSD
+
+    def __init__(self, id: str, path: str, backend_transfer: bool = False, mode: int = 0o600):
+        super().__init__(id, backend_transfer)
+        self.path = path
+        self.mode = mode
+        self.listener: socket.socket | None = None
+        self.client: socket.socket | None = None
+        self.pending = b""
+        self.lines_echoed = 0
+        self.connections = 0
+
+    # -- backend ------------------------------------------------------------
+
+    def open_backend(self) -> None:
+        self._listen()
+
+    def _listen(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o777 & ~self.mode)
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(old)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            raise MigrationError(f"chardev '{self.id}': cannot listen on {self.path}: {exc.strerror}") from exc
+        self.listener = sock
+
+    def owned_fds(self) -> list[int]:
+        return [s.fileno() for s in (self.listener, self.client) if s is not None]
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def close(self) -> None:
+        self._drop_client()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    # -- guest workload --------------------------------------------------------
+
+    def start_guest(self, ctl: RunControl) -> None:
+        ctl.spawn(f"guest-chardev-{self.id}", self._echo_loop, ctl)
+
+    def _echo_loop(self, ctl: RunControl) -> None:
+        while ctl.checkpoint():
+            poller = select.poll()
+            poller.register(ctl.wake_fd, select.POLLIN)
+            sock = self.client if self.client is not None else self.listener
+            if sock is not None:
+                poller.register(sock.fileno(), select.POLLIN)
+            for fd, _ in poller.poll(1000):
+                if fd == ctl.wake_fd or sock is None:
+                    continue
+                if sock is self.listener:
+                    self._accept()
+                else:
+                    self._serve()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, OSError):
+            return
+        conn.setblocking(False)
+        self.client = conn
+        self.connections += 1
+
+    def _serve(self) -> None:
+        assert self.client is not None
+        try:
+            data = self.client.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_client()  # client went away: wait for the next one
+            self.pending = b""
+            return
+        buf = self.pending + data
+        *lines, self.pending = buf.split(b"\n")
+        if len(self.pending) > MAX_PENDING:
+            self.pending = self.pending[-MAX_PENDING:]
+        for line in lines:
+            try:
+                self.client.setblocking(True)
+                self.client.sendall(line + b"\n")
+                self.client.setblocking(False)
+            except OSError:
+                self._drop_client()
+                return
+            self.lines_echoed += 1
+
+    # -- migration ------------------------------------------------------------
+
+    def save_state(self, handover: bool) -> dict[str, Any]:
+        return {"path": self.path.encode(), "connected": self.client is not None,
+                "lines_echoed": self.lines_echoed, "pending": self.pending,
+                "listener_fd": self.listener.fileno() if handover and self.listener else None,
+                "client_fd": self.client.fileno() if handover and self.client else None}
+
+    def detach(self) -> None:
+        self.close()  # the client sees EOF now; it reconnects to the destination
+
+    def reattach(self) -> None:
+        if self.listener is None:
+            self._listen()
+
+    def load_state(self, state: dict[str, Any], received_fds: tuple[int, ...]) -> None:
+        path = state["path"].decode("utf-8", "replace")
+        if path != self.path:
+            raise MigrationError(f"chardev '{self.id}': source listens on {path}, destination on {self.path}")
+        self.lines_echoed = state["lines_echoed"]
+        self.pending = state["pending"]
+        listener_fd = state.get("listener_fd")
+        client_fd = state.get("client_fd")
+        if listener_fd is None:
+            self._listen()
+            return
+        validate_socket_fd(listener_fd, listening=True, device=self.id)
+        if client_fd is not None:
+            validate_socket_fd(client_fd, listening=False, device=self.id)
+        # From here the sockets own the fds.
+        self.listener = socket.socket(fileno=listener_fd)
+        self.listener.setblocking(False)
+        if client_fd is not None:
+            self.client = socket.socket(fileno=client_fd)
+            self.client.setblocking(False)
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "connected": self.client is not None,
+                "lines-echoed": self.lines_echoed, "connections": self.connections}
+
+
+def validate_socket_fd(fd: int, *, listening: bool, device: str) -> None:
+    """A handed-over chardev fd must be a UNIX stream socket, listening or connected."""
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise MigrationError(f"chardev '{device}': received fd is not a socket: {exc.strerror}") from exc
+    try:
+        if probe.family != socket.AF_UNIX or probe.type != socket.SOCK_STREAM:
+            raise MigrationError(f"chardev '{device}': received fd is not a UNIX stream socket")
+        accepting = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if bool(accepting) != listening:
+            what = "listening" if listening else "connected"
+            raise MigrationError(f"chardev '{device}': received socket is not {what}")
+        if not listening:
+            try:
+                probe.getpeername()
+            except OSError:
+                raise MigrationError(f"chardev '{device}': received socket is not connected") from None
+    except OSError as exc:
+        raise MigrationError(f"chardev '{device}': received fd is not a socket: {exc.strerror}") from exc
+    finally:
+        probe.close()

@@ -1,0 +1,240 @@
+"""Guest RAM in a memfd (QEMU's memory-backend-memfd), with a workload that dirties it.
+
+The guest stamps pages so RAM can be verified after a migration: page ``i``
+of generation ``g`` holds ``i``, ``g`` and a check word in its first 24 bytes
+and the check word again in its last 8; a table at the start of RAM (also
+guest RAM, so it migrates like the rest) keeps the current generation of
+every page. A page that arrived stale, torn or at the wrong place fails
+:meth:`MemoryBackendMemfd.verify`.
+
+The dirty bitmap is kept by the workload itself (it is the only writer), as
+KVM's dirty log would be for a real guest.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import select
+import stat
+import struct
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from migfd.devices.base import Device, RunControl, close_fd
+from migfd.errors import MigrationError
+from migfd.stream.constants import TARGET_PAGE_SIZE
+from migfd.stream.vmstate import Fd, Subsection, UInt64, VMStateDescription
+
+PAGE = TARGET_PAGE_SIZE
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+_BACKEND = VMStateDescription(
+    "memory-backend-memfd/backend", version_id=1, minimum_version_id=1,
+    fields=(Fd("fd"),))
+
+VMSD = VMStateDescription(
+    "memory-backend-memfd", version_id=1, minimum_version_id=1,
+    fields=(UInt64("size"), UInt64("pages_dirtied")),
+    subsections=(Subsection(_BACKEND, needed=lambda state: state.get("fd") is not None),))
+
+
+def check_word(index: int, generation: int) -> int:
+    return (index ^ (generation * _GOLDEN)) & _MASK64
+
+
+class MemoryBackendMemfd(Device):
+    """``-object memory-backend-memfd,id=ID,size=SIZE[,backend-transfer=on]``."""
+
+    kind = "memory-backend-memfd"
+    vmsd = VMSD
+
+    def __init__(self, id: str, size: int, backend_transfer: bool = False,
+                 dirty_rate_bytes_s: int = 0, seed: int = 0):
+        super().__init__(id, backend_transfer)
+        if size < 2 * PAGE or size % PAGE:
+            raise MigrationError(f"memory backend '{id}': size {size} must be a multiple of {PAGE} and at least two pages")
+        self.size = size
+        self.npages = size // PAGE
+        # generation table: one u32 per page, in the first pages of RAM
+        self.table_pages = (self.npages * 4 + PAGE - 1) // PAGE
+        if self.table_pages >= self.npages:
+            raise MigrationError(f"memory backend '{id}': {size} bytes is too small")
+        self.dirty_rate_bytes_s = dirty_rate_bytes_s
+        self.fd = -1
+        self.map: mmap.mmap | None = None
+        self._dirty = bytearray(self.npages)
+        self._dirty_lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self.pages_dirtied = 0
+
+    @property
+    def block_id(self) -> str:
+        return self.id
+
+    # -- backend ------------------------------------------------------------
+
+    def open_backend(self) -> None:
+        fd = os.memfd_create(f"migfd-{self.id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, self.size)
+            # The size is part of the contract with a receiver: seal it.
+            import fcntl
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._adopt(fd)
+        self.mark_all_dirty()
+
+    def _adopt(self, fd: int) -> None:
+        self.fd = fd
+        self.map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def owned_fds(self) -> list[int]:
+        return [self.fd] if self.fd >= 0 else []
+
+    def close(self) -> None:
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:
+                pass  # a view is still alive; the mapping goes with the process
+            self.map = None
+        self.fd = close_fd(self.fd)
+
+    # -- guest workload --------------------------------------------------------
+
+    def start_guest(self, ctl: RunControl) -> None:
+        if self.dirty_rate_bytes_s > 0:
+            ctl.spawn(f"guest-ram-{self.id}", self._dirtier, ctl)
+
+    def _dirtier(self, ctl: RunControl) -> None:
+        pages_per_s = max(1, self.dirty_rate_bytes_s // PAGE)
+        batch = max(1, pages_per_s // 1000)  # ~1 ms of work between checks
+        interval_s = batch / pages_per_s
+        poller = select.poll()
+        poller.register(ctl.wake_fd, select.POLLIN)
+        next_t = time.monotonic()
+        while ctl.checkpoint():
+            for _ in range(batch):
+                self.stamp(self._rng.randrange(self.table_pages, self.npages))
+            next_t += interval_s
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                poller.poll(delay * 1000)
+            elif delay < -1.0:
+                next_t = time.monotonic()  # fell behind (stopped): do not burst
+
+    def stamp(self, index: int) -> None:
+        """Write the next generation of data page ``index`` and its table entry."""
+        assert self.map is not None
+        table_at = index * 4
+        (generation,) = struct.unpack_from("<I", self.map, table_at)
+        generation += 1
+        word = check_word(index, generation)
+        base = index * PAGE
+        struct.pack_into("<QQQ", self.map, base, index, generation, word)
+        struct.pack_into("<Q", self.map, base + PAGE - 8, word)
+        struct.pack_into("<I", self.map, table_at, generation)
+        with self._dirty_lock:
+            self._dirty[index] = 1
+            self._dirty[table_at // PAGE] = 1
+        self.pages_dirtied += 1
+
+    def verify(self) -> dict[str, Any]:
+        """Check every page against the generation table; raises nothing, reports."""
+        assert self.map is not None
+        words = np.frombuffer(self.map, dtype="<u8").reshape(self.npages, PAGE // 8)
+        table = np.frombuffer(self.map, dtype="<u4", count=self.npages)
+        data = np.arange(self.table_pages, self.npages)
+        gen = table[data].astype(np.uint64)
+        stamped = gen > 0
+        idx = data.astype(np.uint64)
+        expected = idx ^ (gen * np.uint64(_GOLDEN))
+        rows = words[data]
+        good_stamped = ((rows[:, 0] == idx) & (rows[:, 1] == gen) & (rows[:, 2] == expected)
+                        & (rows[:, -1] == expected))
+        good_blank = ~rows.any(axis=1)
+        bad = np.where(np.where(stamped, ~good_stamped, ~good_blank))[0]
+        result = {"ok": bool(bad.size == 0), "pages": int(self.npages),
+                  "pages-stamped": int(stamped.sum()), "bad-pages": int(bad.size)}
+        if bad.size:
+            result["first-bad-page"] = int(data[bad[0]])
+        del words, table, rows
+        return result
+
+    # -- dirty log -------------------------------------------------------------
+
+    def mark_all_dirty(self) -> None:
+        with self._dirty_lock:
+            self._dirty[:] = b"\x01" * self.npages
+
+    def sync_dirty_bitmap(self) -> list[int]:
+        """Pages dirtied since the last sync, in order; the log is cleared (QEMU's bitmap sync)."""
+        with self._dirty_lock:
+            snapshot = bytes(self._dirty)
+            self._dirty[:] = bytes(self.npages)
+        return np.flatnonzero(np.frombuffer(snapshot, dtype=np.uint8)).tolist()
+
+    def dirty_pages(self) -> int:
+        with self._dirty_lock:
+            return self._dirty.count(1)
+
+    def page(self, index: int) -> memoryview:
+        assert self.map is not None
+        return memoryview(self.map)[index * PAGE:(index + 1) * PAGE]
+
+    def write_page(self, offset: int, data: bytes | None, fill: int = 0) -> None:
+        """Destination: store one received page."""
+        assert self.map is not None
+        if data is None:
+            # A fresh memfd reads as zeros: only a non-zero fill needs writing.
+            if fill:
+                self.map[offset:offset + PAGE] = bytes([fill]) * PAGE
+        else:
+            self.map[offset:offset + PAGE] = data
+
+    # -- migration ---------------------------------------------------------------
+
+    def save_state(self, handover: bool) -> dict[str, Any]:
+        return {"size": self.size, "pages_dirtied": self.pages_dirtied,
+                "fd": self.fd if handover else None}
+
+    def prepare_incoming_copy(self) -> None:
+        """Destination copying state: a fresh memfd the pages are written into."""
+        self.open_backend()
+
+    def load_state(self, state: dict[str, Any], received_fds: tuple[int, ...]) -> None:
+        if state["size"] != self.size:
+            raise MigrationError(f"memory backend '{self.id}': source has {state['size']} bytes, "
+                                 f"destination {self.size}")
+        self.pages_dirtied = state["pages_dirtied"]
+        fd = state.get("fd")
+        if fd is None:
+            if self.fd < 0:
+                raise MigrationError(f"memory backend '{self.id}': no RAM arrived")
+            return
+        validate_memfd(fd, self.size, self.id)
+        self._adopt(fd)
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.id, "size": self.size, "pages-dirtied": self.pages_dirtied}
+
+
+def validate_memfd(fd: int, size: int, device: str) -> None:
+    """A handed-over RAM fd must be a memfd of exactly the expected size."""
+    try:
+        st = os.fstat(fd)
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise MigrationError(f"memory backend '{device}': received fd is unusable: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode) or not target.startswith("/memfd:"):
+        raise MigrationError(f"memory backend '{device}': received fd is not a memfd ({target})")
+    if st.st_size != size:
+        raise MigrationError(f"memory backend '{device}': received memfd has {st.st_size} bytes, expected {size}")

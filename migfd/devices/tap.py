@@ -1,0 +1,178 @@
+"""A TAP netdev (QEMU's ``-netdev tap``) whose guest echoes every frame.
+
+Handover passes the open queue fds: the kernel queue of the TAP stays where it
+is and only the reader changes, so no frame is lost or read twice. State copy
+closes the queues at switchover (a single-queue TAP cannot be attached twice:
+EBUSY) and the destination attaches the TAP again by name and applies the
+vnet header size and offloads again; frames that arrive while no queue is
+attached are dropped by the kernel. That is why a TAP this device creates is
+made persistent: a state copy must find it again by name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+from typing import Any
+
+from migfd import net
+from migfd.devices.base import Device, RunControl, close_fd
+from migfd.errors import MigrationError
+from migfd.stream.vmstate import (
+    Bool, Fd, Int32, Subsection, UInt32, UInt64, VArray, VBuffer, VMStateDescription,
+)
+
+MAX_FRAME = 65536 + 64
+#: frames handled between two checks of the run state
+FRAMES_PER_TURN = 64
+
+_BACKEND = VMStateDescription(
+    "tap/backend", version_id=1, minimum_version_id=1,
+    fields=(VArray("queue_fds", element=Fd("fd"), max_elements=net.MAX_TAP_QUEUES),))
+
+VMSD = VMStateDescription(
+    "tap", version_id=1, minimum_version_id=1,
+    fields=(VBuffer("ifname", max_size=16), UInt32("queues"), Bool("vnet_hdr"),
+            Int32("vnet_hdr_size"), UInt32("offloads"), UInt64("frames_echoed")),
+    subsections=(Subsection(_BACKEND, needed=lambda state: state.get("queue_fds") is not None),))
+
+
+class TapNetdev(Device):
+    """``-netdev tap,id=ID,ifname=NAME[,queues=N][,vnet_hdr=on][,backend-transfer=on]``."""
+
+    kind = "tap"
+    vmsd = VMSD
+
+    def __init__(self, id: str, ifname: str, queues: int = 1, vnet_hdr: bool = False,
+                 backend_transfer: bool = False):
+        super().__init__(id, backend_transfer)
+        if not 1 <= queues <= net.MAX_TAP_QUEUES:
+            raise MigrationError(f"netdev '{id}': queues must be 1 to {net.MAX_TAP_QUEUES}")
+        self.ifname = ifname
+        self.queues = queues
+        self.vnet_hdr = vnet_hdr
+        self.vnet_hdr_size = 12 if vnet_hdr else 0
+        self.offloads = net.TUN_F_CSUM if vnet_hdr else 0
+        self.fds: list[int] = []
+        self.frames_echoed = 0
+        self.write_errors = 0
+
+    # -- backend ------------------------------------------------------------
+
+    def open_backend(self) -> None:
+        existed = net.link_exists(self.ifname)
+        self._attach()
+        if not existed:
+            net.set_persist(self.fds[0], True)
+        net.link_up(self.ifname)
+
+    def _attach(self) -> None:
+        try:
+            if self.queues == 1:
+                fds = [net.open_tap(self.ifname, vnet_hdr=self.vnet_hdr)]
+            else:
+                fds = net.open_tap_queues(self.ifname, self.queues, vnet_hdr=self.vnet_hdr)
+        except OSError as exc:
+            hint = " (another process holds it)" if exc.errno == errno.EBUSY else ""
+            raise MigrationError(f"netdev '{self.id}': cannot attach TAP {self.ifname}: "
+                                 f"{exc.strerror}{hint}") from exc
+        try:
+            for fd in fds:
+                if self.vnet_hdr:
+                    net.set_vnet_hdr_size(fd, self.vnet_hdr_size)
+                net.set_offload(fd, self.offloads)
+        except OSError as exc:
+            for fd in fds:
+                close_fd(fd)
+            raise MigrationError(f"netdev '{self.id}': cannot configure TAP {self.ifname}: {exc.strerror}") from exc
+        self.fds = fds
+
+    def owned_fds(self) -> list[int]:
+        return list(self.fds)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            close_fd(fd)
+        self.fds = []
+
+    # -- guest workload ------------------------------------------------------
+
+    def start_guest(self, ctl: RunControl) -> None:
+        ctl.spawn(f"guest-tap-{self.id}", self._echo_loop, ctl)
+
+    def _echo_loop(self, ctl: RunControl) -> None:
+        hdr = self.vnet_hdr_size if self.vnet_hdr else 0
+        while ctl.checkpoint():
+            fds = list(self.fds)
+            poller = select.poll()
+            poller.register(ctl.wake_fd, select.POLLIN)
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(1000):
+                if fd == ctl.wake_fd:
+                    continue
+                # Read and echo frame by frame: a frame read is always echoed
+                # before the thread can park, so a stop never swallows one.
+                for _ in range(FRAMES_PER_TURN):
+                    try:
+                        frame = os.read(fd, MAX_FRAME)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        break  # queue detached under us (state copy); next turn sees it
+                    try:
+                        os.write(fd, frame[:hdr] + net.echo_frame(frame[hdr:]))
+                        self.frames_echoed += 1
+                    except OSError:
+                        self.write_errors += 1
+
+    # -- migration ------------------------------------------------------------
+
+    def save_state(self, handover: bool) -> dict[str, Any]:
+        return {"ifname": self.ifname.encode(), "queues": self.queues, "vnet_hdr": self.vnet_hdr,
+                "vnet_hdr_size": self.vnet_hdr_size, "offloads": self.offloads,
+                "frames_echoed": self.frames_echoed,
+                "queue_fds": list(self.fds) if handover else None}
+
+    def detach(self) -> None:
+        self.close()
+
+    def reattach(self) -> None:
+        if not self.fds:
+            self._attach()
+
+    def load_state(self, state: dict[str, Any], received_fds: tuple[int, ...]) -> None:
+        ifname = state["ifname"].decode("ascii", "replace")
+        if ifname != self.ifname or state["queues"] != self.queues:
+            raise MigrationError(f"netdev '{self.id}': source has {ifname} with {state['queues']} queues, "
+                                 f"destination {self.ifname} with {self.queues}")
+        self.vnet_hdr = state["vnet_hdr"]
+        self.vnet_hdr_size = state["vnet_hdr_size"]
+        self.offloads = state["offloads"]
+        self.frames_echoed = state["frames_echoed"]
+        fds = state.get("queue_fds")
+        if fds is None:
+            self._attach()  # state copy: attach by name, settings applied again
+            return
+        if len(fds) != self.queues:
+            raise MigrationError(f"netdev '{self.id}': {len(fds)} queue fds received, {self.queues} expected")
+        for fd in fds:
+            validate_tap_fd(fd, self.ifname, self.queues > 1, self.id)
+        self.fds = list(fds)
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.id, "ifname": self.ifname, "queues": self.queues,
+                "frames-echoed": self.frames_echoed, "write-errors": self.write_errors}
+
+
+def validate_tap_fd(fd: int, ifname: str, multi_queue: bool, device: str) -> None:
+    """A handed-over TAP fd must be a tun/tap fd attached to the expected interface."""
+    if not net.is_tap_fd(fd):
+        raise MigrationError(f"netdev '{device}': received fd is not a TAP device")
+    info = net.tap_info(fd)
+    if info.ifname != ifname:
+        raise MigrationError(f"netdev '{device}': received TAP is attached to {info.ifname}, expected {ifname}")
+    if info.multi_queue != multi_queue:
+        raise MigrationError(f"netdev '{device}': received TAP queue has the wrong multi-queue setting")
+

@@ -1,0 +1,272 @@
+"""One VM process: devices with real backends, a guest workload, a QMP monitor.
+
+``migfd vm`` is to this module what ``qemu-system-x86_64`` is to QEMU's
+softmmu: it parses a QEMU-like command line, opens the backends (or, with
+``--incoming``, waits to receive them), runs the guest workload, and answers
+QMP, including the migration commands that drive :mod:`migfd.migration`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from migfd.devices import Device, MemoryBackendMemfd, RunControl, from_options
+from migfd.errors import MigrationError
+from migfd.migration import IncomingMigration, MigrationStatus, OutgoingMigration
+from migfd.params import MigrationParameters
+from migfd.qmp import QMPError, QMPServer
+from migfd.transport import check_transport, parse_address, parse_uri
+
+log = logging.getLogger("migfd.vm")
+
+DEFAULT_MACHINE = "migfd-pc"
+
+
+class VM:
+    """The state a QMP monitor of one VM process sees and changes."""
+
+    def __init__(self, name: str, devices: list[Device], *, machine: str = DEFAULT_MACHINE,
+                 incoming: bool = False):
+        ids = [d.section_name for d in devices]
+        if len(set(ids)) != len(ids):
+            raise MigrationError("device ids must be unique")
+        self.name = name
+        self.machine = machine
+        self.devices = devices
+        self.ctl = RunControl()
+        self.params = MigrationParameters()
+        self.migration: OutgoingMigration | IncomingMigration | None = None
+        self.runstate = "inmigrate" if incoming else "prelaunch"
+        self._stopped_at_ns = time.monotonic_ns()
+        self._lock = threading.RLock()
+        self.server: QMPServer | None = None
+
+    # -- run state (QEMU's vm_start / vm_stop) -----------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.runstate == "running"
+
+    @property
+    def stopped_at_ns(self) -> int:
+        return self._stopped_at_ns
+
+    def _event(self, name: str, data: dict | None = None) -> None:
+        if self.server is not None:
+            self.server.emit_threadsafe(name, data)
+
+    def set_runstate(self, runstate: str) -> None:
+        self.runstate = runstate
+
+    def boot(self) -> None:
+        """A fresh VM: open every backend, start the guest."""
+        opened: list[Device] = []
+        try:
+            for dev in self.devices:
+                dev.open_backend()
+                opened.append(dev)
+        except BaseException:
+            for dev in opened:
+                dev.close()
+            raise
+        self._start_guest_threads()
+        self.vm_start()
+
+    def _start_guest_threads(self) -> None:
+        for dev in self.devices:
+            dev.start_guest(self.ctl)
+
+    def vm_stop(self, runstate: str = "paused") -> int:
+        """Park every guest thread; returns CLOCK_MONOTONIC ns of the stop."""
+        with self._lock:
+            stop_ns = time.monotonic_ns()
+            was_running = self.running
+            self.ctl.pause()
+            self.runstate = runstate
+            if was_running:
+                self._stopped_at_ns = stop_ns
+                self._event("STOP")
+            return stop_ns
+
+    def vm_start(self) -> int:
+        """Run the guest; returns CLOCK_MONOTONIC ns of the resume."""
+        with self._lock:
+            if self.runstate == "inmigrate":
+                self._start_guest_threads()  # the backends just arrived
+            self.ctl.resume()
+            resume_ns = time.monotonic_ns()
+            self.runstate = "running"
+            self._event("RESUME")
+            return resume_ns
+
+    def shutdown(self) -> None:
+        self.ctl.close()
+        if isinstance(self.migration, IncomingMigration):
+            self.migration.close()
+        for dev in self.devices:
+            dev.close()
+
+    # -- QMP commands ------------------------------------------------------------
+
+    def register(self, server: QMPServer) -> None:
+        self.server = server
+        commands = {
+            "query-status": self.qmp_query_status,
+            "query-name": lambda args: {"name": self.name},
+            "stop": self.qmp_stop,
+            "cont": self.qmp_cont,
+            "quit": self.qmp_quit,
+            "migrate-set-parameters": self.qmp_migrate_set_parameters,
+            "query-migrate-parameters": lambda args: self.params.to_qmp(),
+            "migrate-incoming": self.qmp_migrate_incoming,
+            "query-migrate": self.qmp_query_migrate,
+            "migrate_cancel": self.qmp_migrate_cancel,
+            "x-query-guest": self.qmp_query_guest,
+        }
+        for name, handler in commands.items():
+            server.register(name, handler)
+        server.register("migrate", self.qmp_migrate, with_session=True)
+
+    def qmp_query_status(self, args: dict) -> dict:
+        return {"running": self.running, "singlestep": False, "status": self.runstate}
+
+    def qmp_stop(self, args: dict) -> None:
+        if self.runstate == "inmigrate":
+            raise QMPError("GenericError", "The VM is waiting for an incoming migration")
+        if self.running:
+            self.vm_stop("paused")
+
+    def qmp_cont(self, args: dict) -> None:
+        if self.runstate in ("inmigrate", "postmigrate", "finish-migrate"):
+            raise QMPError("GenericError", f"cannot continue a VM in state '{self.runstate}'")
+        if not self.running:
+            self.vm_start()
+
+    def qmp_quit(self, args: dict) -> None:
+        assert self.server is not None
+        self.server.request_close()
+
+    def _migration_active(self) -> bool:
+        m = self.migration
+        return m is not None and not m.finished.is_set()
+
+    def qmp_migrate_set_parameters(self, args: dict) -> None:
+        if self._migration_active():
+            raise QMPError("GenericError", "Migration parameters cannot change during a migration")
+        self.params = self.params.updated(args)
+
+    def qmp_migrate(self, args: dict, session) -> None:
+        if self.runstate in ("inmigrate", "postmigrate"):
+            raise QMPError("GenericError", f"cannot migrate a VM in state '{self.runstate}'")
+        if self._migration_active():
+            raise QMPError("GenericError", "There's a migration process in progress")
+        extra = set(args) - {"uri", "channels", "detach", "resume", "blk", "inc"}
+        if extra:
+            raise QMPError("GenericError", f"Parameter '{sorted(extra)[0]}' is unexpected")
+        uri = args.get("uri")
+        if isinstance(uri, str) and uri.startswith("fd:") and not uri[3:].isdigit():
+            uri = f"fd:{session.get_fd(uri[3:])}"  # a name given to getfd, as in QEMU
+        address = parse_address(uri, args.get("channels"))
+        check_transport(address, self.params)  # before anything is opened or sent
+        migration = OutgoingMigration(self, address, self.params, self._on_status)
+        self.migration = migration
+        migration.start()
+
+    def qmp_migrate_incoming(self, args: dict) -> None:
+        if self.runstate != "inmigrate":
+            raise QMPError("GenericError", "'-incoming' was not specified on the command line")
+        if self.migration is not None:
+            raise QMPError("GenericError", "The incoming migration has already been started")
+        self.start_incoming(parse_address(args.get("uri"), args.get("channels")))
+
+    def start_incoming(self, address) -> None:
+        migration = IncomingMigration(self, address, self.params, self._on_status)
+        self.migration = migration
+        migration.start()
+
+    def qmp_query_migrate(self, args: dict) -> dict:
+        if self.migration is None:
+            return {}
+        return self.migration.stats.to_qmp()
+
+    def qmp_migrate_cancel(self, args: dict) -> None:
+        if isinstance(self.migration, OutgoingMigration):
+            self.migration.cancel()
+
+    def qmp_query_guest(self, args: dict) -> dict:
+        """migfd's own: what the guest workload did, and RAM verification on request."""
+        out: dict[str, Any] = {"status": self.runstate, "pid": os.getpid(),
+                               "devices": [d.info() for d in self.devices]}
+        if args.get("verify"):
+            # A running guest changes pages while they are read: check a still image.
+            with self._lock:
+                if self.running:
+                    self.ctl.pause()
+                try:
+                    out["ram-verify"] = {d.id: d.verify() for d in self.devices
+                                         if isinstance(d, MemoryBackendMemfd) and d.map is not None}
+                finally:
+                    if self.running:
+                        self.ctl.resume()
+        return out
+
+    def _on_status(self, status: MigrationStatus) -> None:
+        self._event("MIGRATION", {"status": status.value})
+
+
+# -- the process ---------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="migfd-vm")
+    p.add_argument("--qmp", required=True, help="unix:PATH of the QMP monitor")
+    p.add_argument("--incoming", help="URI to receive a migration on, or 'defer'")
+    p.add_argument("--machine", default=DEFAULT_MACHINE)
+    p.add_argument("--object", action="append", default=[], metavar="memory-backend-memfd,...")
+    p.add_argument("--netdev", action="append", default=[], metavar="tap,...")
+    p.add_argument("--chardev", action="append", default=[], metavar="socket,...")
+    p.add_argument("--dirty-rate", type=int, default=0, metavar="BYTES_PER_S",
+                   help="how fast the guest dirties RAM")
+
+
+def build_vm(args: argparse.Namespace) -> VM:
+    devices: list[Device] = []
+    for group in ("object", "netdev", "chardev"):
+        for text in getattr(args, group):
+            devices.append(from_options(group, text, dirty_rate_bytes_s=args.dirty_rate))
+    return VM(args.name, devices, machine=args.machine, incoming=args.incoming is not None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``migfd vm``: serve QMP until ``quit`` or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(name)s: %(message)s")
+    qmp = parse_uri(args.qmp)
+    if not hasattr(qmp, "path") or not args.qmp.startswith("unix:"):
+        raise MigrationError("--qmp takes unix:PATH")
+    vm = build_vm(args)
+    try:
+        if args.incoming is None:
+            vm.boot()
+        return asyncio.run(_serve(vm, qmp.path, args.incoming))  # type: ignore[union-attr]
+    finally:
+        vm.shutdown()
+
+
+async def _serve(vm: VM, qmp_path: str, incoming: str | None) -> int:
+    server = QMPServer(qmp_path)
+    vm.register(server)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_close)
+    if incoming not in (None, "defer"):
+        vm.start_incoming(parse_uri(incoming))
+    await server.wait_closed()
+    return 0
