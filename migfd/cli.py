@@ -31,8 +31,21 @@ def _cmd_vm(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from migfd.bench.runner import main
+
+    return main(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from migfd.report import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="migfd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="migfd", description="Study fd-passing (backend-transfer) live migration from real runs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="show what a saved migration stream holds")
@@ -45,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vm", help="run one VM process with a QMP monitor")
     add_arguments(p)
     p.set_defaults(func=_cmd_vm)
+
+    p = sub.add_parser("bench", help="benchmark fd-passing against state copying")
+    p.add_argument("--quick", action="store_true", help="small sizes and few trials (minutes)")
+    p.add_argument("--scenario", action="append", dest="scenarios", metavar="NAME",
+                   help="run only this scenario (repeatable)")
+    p.add_argument("--trials", type=int, help="trials per point and mode")
+    p.add_argument("--out", help="output directory (default benchmarks/results/<UTC>-<host>/)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="run the benchmark and write an HTML report")
+    p.add_argument("--results", help="use this results directory instead of running the benchmark")
+    p.add_argument("--quick", action="store_true", help="run the benchmark in quick mode")
+    p.add_argument("--out", help="report directory (default reports/<UTC>-<host>/)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

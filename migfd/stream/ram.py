@@ -84,8 +84,12 @@ def encode_page(block_id: str | None, offset: int, data: bytes | memoryview) -> 
 EOS = struct.pack(">Q", RAM_SAVE_FLAG_EOS)
 
 
-def decode_mem_size(cur: Cursor) -> list[RamBlock]:
-    """Read a START payload up to and including its EOS."""
+def decode_mem_size(cur: Cursor, *, ignore_shared: bool = False) -> list[RamBlock]:
+    """Read a START payload up to and including its EOS.
+
+    With QEMU's x-ignore-shared capability every block's length is followed
+    by its guest address (be64), which we read and drop.
+    """
     at = cur.offset
     word = cur.be64()
     if not word & RAM_SAVE_FLAG_MEM_SIZE:
@@ -103,6 +107,8 @@ def decode_mem_size(cur: Cursor) -> list[RamBlock]:
         length = cur.be64()
         if length == 0 or length > total - seen:
             raise cur.error(f"RAM block '{block_id}' length {length} does not fit the total {total}", at_len)
+        if ignore_shared:
+            cur.be64()
         blocks.append(RamBlock(block_id, length))
         seen += length
     at = cur.offset

@@ -223,6 +223,7 @@ class StreamReader:
         self._open: _Open | None = None
         self._ram_blocks: dict[str, int] = {}
         self._ram_last_block: str | None = None
+        self._capabilities: tuple[str, ...] = ()
         self._failed: StreamError | None = None
 
     # -- input ----------------------------------------------------------
@@ -329,7 +330,7 @@ class StreamReader:
         if state is _State.HEADER:
             return self._parse_header(cur)
         if state is _State.RAM_START:
-            blocks = ram.decode_mem_size(cur)
+            blocks = ram.decode_mem_size(cur, ignore_shared="x-ignore-shared" in self._capabilities)
             self._ram_blocks = {b.id: b.length for b in blocks}
             self._state = _State.FOOTER
             return RamMemSize(tuple(blocks))
@@ -428,6 +429,7 @@ class StreamReader:
                 capabilities = tuple(cur.idstr("capability name") for _ in range(count))
             else:
                 raise cur.error(f"unknown subsection '{name}' of configuration", sub_at)
+        self._capabilities = capabilities
         return Configuration(machine, capabilities, page_bits, at, cur.offset - at)
 
     def _parse_full(self, cur: Cursor, at: int, section_id: int, name: str,
