@@ -75,6 +75,8 @@ class QEMUFile:
         self._rbuf = bytearray()
         self._rpos = 0
         self._rfds: deque[int] = deque()
+        self._scratch = bytearray(bufsize)
+        self._scratch_view = memoryview(self._scratch)
         self._eof = False
         self.closed = False
         #: bytes handed to the kernel, service bytes included
@@ -92,13 +94,23 @@ class QEMUFile:
 
     @classmethod
     def open_file(cls, path: str, mode: str, **kwargs) -> "QEMUFile":
-        """A ``file:`` channel: mode "wb" for an outgoing, "rb" for an incoming stream."""
+        """A ``file:`` channel: mode "wb" for an outgoing, "rb" for an incoming stream.
+
+        ``offset=N`` starts at byte N of the file, as QEMU's file:PATH,offset=N.
+        """
         if mode not in ("rb", "wb"):
             raise ValueError("mode must be 'rb' or 'wb'")
+        offset = kwargs.pop("offset", 0)
         try:
             f = open(path, mode, buffering=0)
         except OSError as exc:
             raise ChannelError(f"cannot open {path}: {exc.strerror}") from exc
+        if offset:
+            try:
+                f.seek(offset)
+            except OSError as exc:
+                f.close()
+                raise ChannelError(f"cannot seek {path} to {offset}: {exc.strerror}") from exc
         return cls(name=path, file=f, **kwargs)
 
     @property
@@ -119,11 +131,18 @@ class QEMUFile:
 
     # -- writing ----------------------------------------------------------
 
-    def put_buffer(self, data: bytes | bytearray | memoryview) -> None:
+    def put_buffer(self, data) -> None:
+        """Queue bytes (any C-contiguous buffer); large ones go out at once, uncopied."""
         self._check_open()
         if self._pending_fds:
             self._send_fds()
-        self._wbuf += data
+        view = memoryview(data).cast("B")
+        if len(view) >= self.bufsize:
+            if self._wbuf:
+                self._send_buffer()
+            self._send(view)
+            return
+        self._wbuf += view
         if len(self._wbuf) >= self.bufsize:
             self._send_buffer()
 
@@ -160,12 +179,15 @@ class QEMUFile:
     def _send_buffer(self) -> None:
         data = self._wbuf
         self._wbuf = bytearray()
+        self._send(memoryview(data))
+
+    def _send(self, data: memoryview) -> None:
         try:
             if self._sock is not None:
                 self._sock.sendall(data)
             else:
                 assert self._file is not None
-                view = memoryview(data)
+                view = data
                 while view:
                     view = view[self._file.write(view):]
         except TimeoutError as exc:
@@ -196,13 +218,22 @@ class QEMUFile:
     # -- reading ----------------------------------------------------------
 
     def _fill(self) -> int:
-        """One read from the kernel; returns the bytes read, 0 at end of stream."""
-        self._check_open()
-        if self._eof:
-            return 0
+        """One read from the kernel into the read buffer; 0 at end of stream."""
         if self._rpos and self._rpos == len(self._rbuf):
             self._rbuf.clear()
             self._rpos = 0
+        data, fds = self._receive()
+        self._rbuf += data
+        self._rfds.extend(fds)
+        if len(self._rfds) > MAX_QUEUED_FDS:
+            raise ChannelError(f"{self.name}: more than {MAX_QUEUED_FDS} fds received and not claimed")
+        return len(data)
+
+    def _receive(self) -> tuple[bytes, list[int]]:
+        """One read from the kernel: the bytes and the fds that came with them."""
+        self._check_open()
+        if self._eof:
+            return b"", []
         try:
             if self._sock is None:
                 assert self._file is not None
@@ -217,20 +248,20 @@ class QEMUFile:
         if not data:
             self._eof = True
             _close_all(fds)
-            return 0
-        self._rbuf += data
-        self._rfds.extend(fds)
+            return b"", []
         self.bytes_received += len(data)
         self.fds_received += len(fds)
-        if len(self._rfds) > MAX_QUEUED_FDS:
-            raise ChannelError(f"{self.name}: more than {MAX_QUEUED_FDS} fds received and not claimed")
-        return len(data)
+        return data, fds
 
-    def _recvmsg(self) -> tuple[bytes, list[int]]:
+    def _recvmsg(self) -> tuple[memoryview, list[int]]:
         assert self._sock is not None
         if not self.supports_fds:
-            return self._sock.recv(self.bufsize), []
-        data, ancdata, flags, _ = self._sock.recvmsg(self.bufsize, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            nbytes = self._sock.recv_into(self._scratch)
+            return self._scratch_view[:nbytes], []
+        # Into one reused buffer: a fresh 256 KiB object per read costs page faults.
+        nbytes, ancdata, flags, _ = self._sock.recvmsg_into([self._scratch], _ANCBUF,
+                                                           socket.MSG_CMSG_CLOEXEC)
+        data = self._scratch_view[:nbytes]
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -241,13 +272,16 @@ class QEMUFile:
             raise ChannelError(f"{self.name}: control message truncated, fds were lost")
         return data, fds
 
-    def read_chunk(self) -> tuple[bytes, list[int]]:
+    def read_chunk(self) -> tuple[bytes | memoryview, list[int]]:
         """What has arrived: buffered bytes and queued fds, reading once if there are none.
 
-        The caller owns the fds returned. ``(b"", [])`` means end of stream.
+        The caller owns the fds returned. The bytes may be a view of the
+        channel's read buffer, valid until the next read: consume or copy
+        them first (StreamReader.receive_data copies). ``(b"", [])`` means end
+        of stream.
         """
         if self._rpos == len(self._rbuf) and not self._rfds:
-            self._fill()
+            return self._receive()
         data = bytes(self._rbuf[self._rpos:])
         self._rbuf.clear()
         self._rpos = 0

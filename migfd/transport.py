@@ -83,6 +83,8 @@ def parse_uri(uri: str) -> Address:
     if scheme == "file":
         path, _, opts = rest.partition(",offset=")
         offset = _int(opts, uri) if opts else 0
+        if offset < 0:
+            raise TransportError(f"Invalid migration URI '{uri}': offset must not be negative")
         return FileAddress(path, offset)
     raise TransportError(f"Invalid migration URI '{uri}': unknown transport '{scheme}'")
 
@@ -123,7 +125,10 @@ def parse_channels(channels: Any) -> Address:
                 return parse_uri(f"fd:{addr['str']}")
             raise TransportError(f"socket type '{kind}' is not supported")
         if transport == "file":
-            return FileAddress(str(addr["filename"]), int(addr.get("offset", 0)))
+            offset = addr.get("offset", 0)
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise TransportError(f"file offset {offset!r} must be a non-negative integer")
+            return FileAddress(str(addr["filename"]), offset)
     except KeyError as exc:
         raise TransportError(f"channel address lacks member '{exc.args[0]}'") from None
     raise TransportError(f"transport '{transport}' is not supported")
@@ -273,8 +278,5 @@ class IncomingListener:
 
 
 def open_incoming_file(address: FileAddress) -> QEMUFile:
-    f = QEMUFile.open_file(address.path, "rb")
-    if address.offset:
-        assert f._file is not None
-        f._file.seek(address.offset)
+    f = QEMUFile.open_file(address.path, "rb", offset=address.offset)
     return f

@@ -348,7 +348,7 @@ def stream_specs(draw, *, with_fds: bool = True, max_devices: int = 3,
         devices.append(Device(name, draw(st.integers(0, 3)), generated))
     return StreamSpec(
         machine=draw(st.sampled_from(["pc-i440fx-7.2", "pc-q35-8.2", "pc"])),
-        capabilities=tuple(draw(st.lists(st.sampled_from(["backend-transfer", "x-ignore-shared"]),
+        capabilities=tuple(draw(st.lists(st.sampled_from(["backend-transfer", "events"]),
                                          unique=True, max_size=2))),
         target_page_bits=draw(st.one_of(st.none(), st.just(12))),
         blocks=blocks, parts=parts, commands=commands, devices=devices,

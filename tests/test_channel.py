@@ -476,6 +476,18 @@ def test_tcp_peer_reset_is_a_channel_error(tcp_pair):
             dst.flush()
 
 
+def test_read_timeout_is_a_channel_error(no_fd_leak):
+    src, dst = channel_pair()
+    try:
+        dst.settimeout(0.01)
+        with pytest.raises(ChannelError, match="timed out waiting for data") as info:
+            dst.get_buffer(1)
+        assert isinstance(info.value.__cause__, TimeoutError)
+    finally:
+        src.close()
+        dst.close()
+
+
 def test_closed_channel_refuses_use(no_fd_leak):
     src, dst = channel_pair()
     src.close()

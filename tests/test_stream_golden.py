@@ -319,7 +319,7 @@ CAPABILITIES_SUB = (
     b"\x00\x00\x00\x01"  # subsection version 1
     b"\x00\x00\x00\x02"  # two capabilities
     b"\x10" b"backend-transfer"
-    b"\x0f" b"x-ignore-shared"
+    b"\x0d" b"validate-uuid"
 )
 PAGE_BITS_SUB = (
     b"\x05"
@@ -330,11 +330,11 @@ PAGE_BITS_SUB = (
 
 CONFIG_CASES = [
     ("plain", ("pc", ()), {}, CONFIG_PC, ("pc", (), None)),
-    ("capabilities", ("pc", ("backend-transfer", "x-ignore-shared")), {},
-     CONFIG_PC + CAPABILITIES_SUB, ("pc", ("backend-transfer", "x-ignore-shared"), None)),
-    ("page-bits-and-capabilities", ("pc", ("backend-transfer", "x-ignore-shared")),
+    ("capabilities", ("pc", ("backend-transfer", "validate-uuid")), {},
+     CONFIG_PC + CAPABILITIES_SUB, ("pc", ("backend-transfer", "validate-uuid"), None)),
+    ("page-bits-and-capabilities", ("pc", ("backend-transfer", "validate-uuid")),
      {"target_page_bits": 12}, CONFIG_PC + PAGE_BITS_SUB + CAPABILITIES_SUB,
-     ("pc", ("backend-transfer", "x-ignore-shared"), 12)),
+     ("pc", ("backend-transfer", "validate-uuid"), 12)),
     ("machine-name", ("pc-i440fx-7.2", ()), {},
      b"\x07" b"\x00\x00\x00\x0d" b"pc-i440fx-7.2", ("pc-i440fx-7.2", (), None)),
 ]
@@ -589,6 +589,51 @@ def test_ram_empty_end_read():
         SectionFooter(SectionType.END, 0, "ram", end_at, len(RAM_END_EMPTY)),
         EndOfState(end_at + len(RAM_END_EMPTY)),
     ]
+
+
+IGNORE_SHARED_CONFIG = (
+    b"\x07\x00\x00\x00\x02pc"
+    b"\x05\x1aconfiguration/capabilities\x00\x00\x00\x01\x00\x00\x00\x01\x0fx-ignore-shared"
+)
+IGNORE_SHARED_RAM_START = (
+    b"\x01\x00\x00\x00\x00\x03ram\x00\x00\x00\x00\x00\x00\x00\x04"
+    b"\x00\x00\x00\x00\x00\x00\x10\x04"  # 0x1000 | MEM_SIZE
+    + PC_RAM + b"\x00\x00\x00\x00\x00\x00\x10\x00"  # length
+    + b"\x00\x00\x00\x01\x00\x00\x00\x00"  # guest address, only with x-ignore-shared
+    + EOS + FOOTER_0
+)
+
+
+def test_ram_start_with_ignore_shared_read():
+    """QEMU's x-ignore-shared puts each block's guest address after its length."""
+    at = 8 + len(IGNORE_SHARED_CONFIG)
+    events = read_all(HEADER + IGNORE_SHARED_CONFIG + IGNORE_SHARED_RAM_START + EOF)
+    assert events == [
+        Header(3, 0),
+        Configuration("pc", ("x-ignore-shared",), None, 8, len(IGNORE_SHARED_CONFIG)),
+        SectionHeader(SectionType.START, 0, "ram", 0, 4, at),
+        RamMemSize((RamBlock("pc.ram", 0x1000),)),
+        SectionFooter(SectionType.START, 0, "ram", at, len(IGNORE_SHARED_RAM_START)),
+        EndOfState(at + len(IGNORE_SHARED_RAM_START)),
+    ]
+
+
+def test_writer_announcing_ignore_shared_writes_what_its_reader_reads():
+    """A writer that announces x-ignore-shared must write the block addresses that
+    announcement implies (or refuse the capability): never a stream its own reader
+    cannot parse.
+    """
+    sink = MemorySink()
+    writer = StreamWriter(sink)
+    writer.write_header()
+    try:
+        writer.write_configuration("pc", ("x-ignore-shared",))
+        writer.write_ram_start([RamBlock("pc.ram", 0x1000)])
+        writer.write_eof()
+    except ValueError:
+        return  # refusing is fine
+    events = read_all(sink.getvalue())
+    assert events[3] == RamMemSize((RamBlock("pc.ram", 0x1000),))
 
 
 # ---------------------------------------------------------------------------

@@ -16,38 +16,39 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from strategies import (
+    Device,
     FdRecord,
+    GeneratedVMState,
+    StreamSpec,
     close_all,
     cut_points,
     expected_events,
+    fd_positions,
     feed_in_chunks,
     normalize,
     open_fd_names,
     vmsds_of,
     write_stream,
     written_streams,
-    StreamSpec,
-    Device,
-    GeneratedVMState,
-    fd_positions,
 )
 
 from migfd.errors import StreamError
 from migfd.stream import (
     NEED_DATA,
-    CommandRecord,
-    EndOfState,
-    SectionFooter,
     Bool,
+    Buffer,
+    CommandRecord,
     Configuration,
+    EndOfState,
     Fd,
     Header,
+    Int64,
     List,
     MemorySink,
     RamBlock,
+    SectionFooter,
     SectionFull,
     StreamReader,
-    StreamWriter,
     Struct,
     Subsection,
     UInt8,
@@ -56,8 +57,6 @@ from migfd.stream import (
     VArray,
     VBuffer,
     VMStateDescription,
-    Buffer,
-    Int64,
 )
 
 HEADER = b"QEVM\x00\x00\x00\x03"
@@ -383,7 +382,7 @@ def test_record_longer_than_max_record_bytes_refused_at_once():
         reader.next_event()
 
 
-def test_no_complete_record_within_max_record_bytes():
+def test_record_growing_past_max_record_bytes_is_an_error():
     """Bytes pile up with no record completing: an error, not an ever-growing buffer."""
     vmsd = dev(*(UInt32(f"f{i}") for i in range(100)))
     reader = StreamReader({"dev": vmsd}, max_record_bytes=64)

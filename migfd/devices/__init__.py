@@ -25,7 +25,8 @@ def from_options(group: str, text: str, *, dirty_rate_bytes_s: int = 0) -> Devic
         if "size" not in opts:
             raise MigrationError(f"memory-backend-memfd '{dev_id}' needs size=")
         dev: Device = MemoryBackendMemfd(dev_id, opt_size(opts.pop("size")), transfer,
-                                         dirty_rate_bytes_s=dirty_rate_bytes_s)
+                                         dirty_rate_bytes_s=dirty_rate_bytes_s,
+                                         prefill=opt_bool(opts, "fill"))
     elif group == "netdev" and driver == "tap":
         if "ifname" not in opts:
             raise MigrationError(f"netdev tap '{dev_id}' needs ifname=")

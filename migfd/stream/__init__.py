@@ -7,7 +7,7 @@
 
 from migfd.errors import StreamError
 from migfd.stream.constants import Command, ReturnPathMessage, SectionType
-from migfd.stream.ram import RamBlock
+from migfd.stream.ram import PageBatch, RamBlock
 from migfd.stream.reader import (
     NEED_DATA,
     CommandRecord,
@@ -17,6 +17,7 @@ from migfd.stream.reader import (
     Header,
     RamMemSize,
     RamPage,
+    RamPageRun,
     SectionFooter,
     SectionFull,
     SectionHeader,
@@ -50,7 +51,7 @@ from migfd.stream.writer import FdRecord, MemorySink, StreamWriter
 __all__ = [
     "NEED_DATA", "Bool", "Buffer", "Command", "CommandRecord", "Configuration", "EndOfState",
     "Event", "Fd", "FdRecord", "Field", "Header", "Int", "Int8", "Int16", "Int32", "Int64",
-    "List", "MemorySink", "RamBlock", "RamMemSize", "RamPage", "ReturnPathMessage",
+    "List", "MemorySink", "PageBatch", "RamBlock", "RamMemSize", "RamPage", "RamPageRun", "ReturnPathMessage",
     "SectionFooter", "SectionFull", "SectionHeader", "SectionType", "StreamError",
     "StreamReader", "StreamWriter", "Struct", "Subsection", "UInt8", "UInt16", "UInt32",
     "UInt64", "VArray", "VBuffer", "VMDescription", "VMStateDescription", "vmsd_from_vmdesc",

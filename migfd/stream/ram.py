@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from migfd.stream.constants import (
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
@@ -82,6 +84,119 @@ def encode_page(block_id: str | None, offset: int, data: bytes | memoryview) -> 
 
 
 EOS = struct.pack(">Q", RAM_SAVE_FLAG_EOS)
+
+#: Records of a run of pages: PAGE|CONTINUE (8 + 4096 bytes) or ZERO|CONTINUE (8 + 1).
+_RUN_FLAGS = {RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE: 8 + TARGET_PAGE_SIZE,
+              RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE: 9}
+#: Most records one run event carries (16 MiB of pages): bounds the copy it makes.
+MAX_RUN = 4096
+
+
+@dataclass(frozen=True)
+class PageBatch:
+    """Pages of one block to send together: byte offsets and a (k, PAGE) uint8 array.
+
+    The same records as k single pages, built with numpy so that a state
+    copy moves RAM at memory speed rather than one Python call per page.
+    ``nonzero`` may carry the caller's per-page "not all zero" mask.
+    """
+
+    block_id: str
+    offsets: np.ndarray
+    rows: np.ndarray
+    nonzero: np.ndarray | None = None
+
+
+def _run_records(offsets: np.ndarray, rows: np.ndarray | None, flags: int) -> np.ndarray:
+    """CONTINUE records for ``offsets`` as one (k, size) uint8 array."""
+    k = len(offsets)
+    size = _RUN_FLAGS[flags]
+    out = np.empty((k, size), dtype=np.uint8)
+    head = (offsets.astype(np.uint64) | np.uint64(flags)).astype(">u8")
+    out[:, :8] = head.view(np.uint8).reshape(k, 8)
+    if rows is not None:
+        out[:, 8:] = rows
+    else:
+        out[:, 8] = 0  # the fill byte of a zero page
+    return out
+
+
+def encode_batch(batch: PageBatch, continue_first: bool) -> list:
+    """The records of ``batch`` as byte-like chunks, in page order.
+
+    The first record names the block unless ``continue_first``; every other
+    one says CONTINUE. Zero pages become ZERO records with fill byte 0.
+    """
+    k = len(batch.offsets)
+    if k == 0:
+        return []
+    if np.any(batch.offsets % TARGET_PAGE_SIZE):
+        raise ValueError("page offsets must be page aligned")
+    nonzero = batch.nonzero if batch.nonzero is not None else batch.rows.any(axis=1)
+    chunks: list = []
+    start = 0
+    if not continue_first:
+        chunks.append(encode_page(batch.block_id, int(batch.offsets[0]), batch.rows[0].tobytes()))
+        start = 1
+    # Runs of equal zero-ness, each encoded in one go.
+    edges = np.flatnonzero(np.diff(nonzero[start:].astype(np.int8))) + 1 + start
+    bounds = [start, *edges.tolist(), k]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            continue
+        if nonzero[a]:
+            chunks.append(_run_records(batch.offsets[a:b], batch.rows[a:b],
+                                       RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE))
+        else:
+            chunks.append(_run_records(batch.offsets[a:b], None,
+                                       RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE))
+    return chunks
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """A run of CONTINUE records read in one go; ``data`` None for zero pages."""
+
+    block_id: str
+    offsets: np.ndarray
+    data: np.ndarray | None
+
+
+def decode_run(cur: Cursor, last_block: str | None, blocks: dict[str, int]) -> PageRun | None:
+    """Read a run of at least two same-kind CONTINUE records, or None to read one by one.
+
+    Anything unusual (another flag, a non-zero fill, an offset out of range)
+    ends the run before it, so the single-record path reports it with its
+    exact offset.
+    """
+    if last_block is None:
+        return None
+    data, pos = cur.data, cur.pos
+    if len(data) - pos < 16:
+        return None
+    word = struct.unpack_from(">Q", data, pos)[0]
+    flags = word & _FLAG_MASK
+    size = _RUN_FLAGS.get(flags)
+    if size is None:
+        return None
+    n = min((len(data) - pos) // size, MAX_RUN)
+    if n < 2:
+        return None
+    records = np.frombuffer(data, dtype=np.uint8, count=n * size, offset=pos).reshape(n, size)
+    try:
+        words = records[:, :8].copy().view(">u8").ravel()
+        offsets = words & np.uint64(~_FLAG_MASK & 0xFFFFFFFFFFFFFFFF)
+        good = ((words & np.uint64(_FLAG_MASK)) == flags) & (offsets + TARGET_PAGE_SIZE <= blocks[last_block])
+        if size == 9:
+            good &= records[:, 8] == 0
+        k = n if good.all() else int(np.argmin(good))
+        if k < 2:
+            return None
+        pages = records[:k, 8:].copy() if size != 9 else None
+    finally:
+        del records  # no export of the reader's buffer may outlive this call
+    cur.pos = pos + k * size
+    return PageRun(last_block, offsets[:k].astype(np.uint64), pages)
 
 
 def decode_mem_size(cur: Cursor, *, ignore_shared: bool = False) -> list[RamBlock]:

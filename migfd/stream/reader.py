@@ -26,7 +26,7 @@ import os
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from migfd.errors import StreamError
 from migfd.stream import ram
@@ -135,6 +135,22 @@ class RamPage:
 
 
 @dataclass(frozen=True, slots=True)
+class RamPageRun:
+    """Consecutive CONTINUE page records of one block, read at once (``ram_runs=True``).
+
+    ``offsets`` are byte offsets (numpy uint64); ``data`` is a (k, 4096) uint8
+    array, or None for a run of zero pages.
+    """
+
+    block_id: str
+    offsets: Any
+    data: Any
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass(frozen=True, slots=True)
 class CommandRecord:
     """A COMMAND record; ``value`` is the PING value where there is one."""
 
@@ -166,7 +182,7 @@ class VMDescription:
 
 
 Event = (Header | Configuration | SectionHeader | SectionFooter | SectionFull | RamMemSize
-         | RamPage | CommandRecord | EndOfState | VMDescription)
+         | RamPage | RamPageRun | CommandRecord | EndOfState | VMDescription)
 
 
 class _State(enum.Enum):
@@ -197,12 +213,15 @@ class StreamReader:
 
     ``vmsds`` tells how to load device sections: a mapping from section name
     to description, or a function ``(name, instance_id, version_id)`` that
-    returns one (or None for "unknown section").
+    returns one (or None for "unknown section"). With ``ram_runs``, runs of
+    page records come as one :class:`RamPageRun` instead of one
+    :class:`RamPage` each: the same records, read at memory speed.
     """
 
     def __init__(self, vmsds: Mapping[str, VMStateDescription] | Lookup | None = None, *,
                  max_record_bytes: int = MAX_RECORD_BYTES,
-                 max_queued_fds: int = MAX_QUEUED_FDS):
+                 max_queued_fds: int = MAX_QUEUED_FDS, ram_runs: bool = False):
+        self.ram_runs = ram_runs
         if vmsds is None:
             vmsds = {}
         if isinstance(vmsds, Mapping):
@@ -287,8 +306,9 @@ class StreamReader:
             if self._pos < len(self._buf):
                 raise self._fail(StreamError("trailing bytes after the end of the stream", self.offset))
             return NEED_DATA
-        cur = Cursor(memoryview(self._buf)[self._pos:], self.offset, self._fds,
-                     limit=self.max_record_bytes)
+        base = memoryview(self._buf)
+        view = base[self._pos:]
+        cur = Cursor(view, self.offset, self._fds, limit=self.max_record_bytes)
         saved = (self._state, self._open, self._ram_last_block)
         try:
             event = self._parse(cur)
@@ -307,6 +327,11 @@ class StreamReader:
             raise self._fail(exc) from None
         except (ValueError, RecursionError) as exc:  # e.g. vmdesc-derived descriptions
             raise self._fail(StreamError(str(exc), cur.offset)) from None
+        finally:
+            # No view of the buffer may outlive the attempt (a traceback kept
+            # with a stored error would otherwise pin it and block resizing).
+            view.release()
+            base.release()
         self._pos += cur.pos
         for _ in range(cur.fds_taken):
             self._fds.popleft()
@@ -335,6 +360,10 @@ class StreamReader:
             self._state = _State.FOOTER
             return RamMemSize(tuple(blocks))
         if state is _State.RAM_RECORDS:
+            if self.ram_runs:
+                run = ram.decode_run(cur, self._ram_last_block, self._ram_blocks)
+                if run is not None:
+                    return RamPageRun(run.block_id, run.offsets, run.data)
             record = ram.decode_record(cur, self._ram_last_block, self._ram_blocks)
             if record is None:  # EOS: the footer follows at once
                 self._state = _State.FOOTER
@@ -474,6 +503,8 @@ class StreamReader:
             description = json.loads(blob)
         except (UnicodeDecodeError, ValueError) as exc:
             raise cur.error(f"device description is not JSON: {exc}", at) from None
+        except RecursionError:
+            raise cur.error("device description is nested too deeply", at) from None
         if not isinstance(description, dict):
             raise cur.error("device description is not a JSON object", at)
         self._state = _State.DONE

@@ -47,7 +47,8 @@ class Cursor:
 
     def __init__(self, data: bytes | bytearray | memoryview, base: int = 0,
                  fds: Sequence[int] = (), limit: int | None = None):
-        self.data = memoryview(data)
+        # Use a given view as it is: the reader releases it after each attempt.
+        self.data = data if isinstance(data, memoryview) else memoryview(data)
         self.pos = 0
         self.base = base
         self.fds = fds

@@ -40,24 +40,29 @@ class FdRecord:
 class MemorySink:
     """Collects what a writer produced: bytes and fd records, in order."""
 
-    records: list[bytes | FdRecord] = field(default_factory=list)
+    _records: list[bytearray | FdRecord] = field(default_factory=list)
 
     def put_buffer(self, data: bytes) -> None:
-        if self.records and isinstance(self.records[-1], bytes):
-            self.records[-1] += data
-        elif data:
-            self.records.append(bytes(data))
+        if self._records and isinstance(self._records[-1], bytearray):
+            self._records[-1] += memoryview(data).cast("B")  # amortised, no quadratic copying
+        elif len(data):
+            self._records.append(bytearray(memoryview(data).cast("B")))
 
     def put_fd(self, fd: int) -> None:
-        self.records.append(FdRecord(fd))
+        self._records.append(FdRecord(fd))
+
+    @property
+    def records(self) -> list[bytes | FdRecord]:
+        """Runs of bytes and fd records, in the order they were written."""
+        return [bytes(r) if isinstance(r, bytearray) else r for r in self._records]
 
     def getvalue(self) -> bytes:
         """The byte stream as a peer sees it: each fd record is its service byte."""
-        return b"".join(r if isinstance(r, bytes) else b" " for r in self.records)
+        return b"".join(r if isinstance(r, bytearray) else b" " for r in self._records)
 
     @property
     def fds(self) -> list[int]:
-        return [r.fd for r in self.records if isinstance(r, FdRecord)]
+        return [r.fd for r in self._records if isinstance(r, FdRecord)]
 
 
 def _idstr(name: str) -> bytes:
@@ -101,6 +106,9 @@ class StreamWriter:
         if target_page_bits is not None:
             out += [bytes([SectionType.SUBSECTION]), _idstr(TARGET_PAGE_BITS_SUBSECTION),
                     struct.pack(">II", 1, target_page_bits)]
+        if "x-ignore-shared" in capabilities:
+            # Its RAM block list carries guest addresses migfd does not have.
+            raise ValueError("migfd does not write streams with x-ignore-shared")
         if capabilities:
             out += [bytes([SectionType.SUBSECTION]), _idstr(CAPABILITIES_SUBSECTION),
                     struct.pack(">II", 1, len(capabilities))]
@@ -147,7 +155,7 @@ class StreamWriter:
         self._footer(sid)
 
     def write_ram_part(self, pages, *, end: bool = False) -> int:
-        """A PART (or END) with ``pages``: an iterable of (block_id, offset, bytes).
+        """A PART (or END) with ``pages``: (block_id, offset, bytes) tuples or PageBatch.
 
         Returns the number of bytes written. Like QEMU, the block id is sent
         with the first page of each run and CONTINUE after it.
@@ -156,7 +164,15 @@ class StreamWriter:
         sid = self._short_header(kind, RAM_SECTION_NAME, 0)
         written = 5
         last = None
-        for block_id, offset, data in pages:
+        for item in pages:
+            if isinstance(item, ram.PageBatch):
+                for chunk in ram.encode_batch(item, continue_first=item.block_id == last):
+                    self.sink.put_buffer(chunk)
+                    written += chunk.nbytes if hasattr(chunk, "nbytes") else len(chunk)
+                if len(item.offsets):
+                    last = item.block_id
+                continue
+            block_id, offset, data = item
             record = ram.encode_page(None if block_id == last else block_id, offset, data)
             self.sink.put_buffer(record)
             written += len(record)
