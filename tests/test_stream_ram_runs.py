@@ -82,7 +82,7 @@ def test_a_run_stops_before_a_bad_record_which_is_reported_at_its_offset():
     ram = _ram([1] * 8)
     blob = bytearray(_stream([[PageBatch("ram0", np.arange(8, dtype=np.uint64) * PAGE, ram)]]))
     # The 6th record's offset is pushed past the block: a run must end before it.
-    first = blob.index(b"\x04ram0") + 5 + PAGE  # after the named first record
+    first = blob.index(b"\x04ram0", blob.index(b"\x04ram1")) + 5 + PAGE  # after the named first record
     bad = first + 4 * (8 + PAGE)
     blob[bad:bad + 8] = ((BLOCK_PAGES * PAGE) | 0x28).to_bytes(8, "big")
     reader = StreamReader(ram_runs=True)
