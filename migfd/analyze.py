@@ -43,7 +43,8 @@ def find_vmdesc(path: str) -> dict | None:
     return desc if isinstance(desc, dict) else None
 
 
-def _lookup_from_vmdesc(desc: dict | None):
+def lookup_from_vmdesc(desc: dict | None):
+    """A StreamReader lookup that reads device sections by the vmdesc's field sizes."""
     table: dict[tuple[str, int], VMStateDescription] = {}
     for dev in (desc or {}).get("devices", []) if isinstance(desc, dict) else []:
         try:
@@ -90,7 +91,7 @@ def inspect_stream(path: str) -> StreamSummary:
     except OSError as exc:
         raise MigrationError(f"cannot read {path}: {exc.strerror}") from exc
     summary = StreamSummary(path, size)
-    reader = r.StreamReader(_lookup_from_vmdesc(find_vmdesc(path)))
+    reader = r.StreamReader(lookup_from_vmdesc(find_vmdesc(path)), ram_runs=True)
     open_header: r.SectionHeader | None = None
     try:
         with f:
@@ -120,6 +121,11 @@ def _note(s: StreamSummary, event: r.Event, open_header: r.SectionHeader | None)
         return event
     elif isinstance(event, r.RamMemSize):
         s.ram_blocks = [{"id": b.id, "length": b.length} for b in event.blocks]
+    elif isinstance(event, r.RamPageRun):
+        if event.data is None:
+            s.ram_zero_pages += len(event)
+        else:
+            s.ram_normal_pages += len(event)
     elif isinstance(event, r.RamPage):
         if event.data is None:
             s.ram_zero_pages += 1
