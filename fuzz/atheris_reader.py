@@ -1,9 +1,11 @@
 """Coverage-guided fuzzing of the stream reader with atheris (long runs, outside CI).
 
     pip install atheris        # or: pip install -e '.[fuzz]'
-    python fuzz/atheris_reader.py tests/data/qemu/ -max_total_time=3600
+    mkdir -p /tmp/migfd-corpus
+    python fuzz/atheris_reader.py /tmp/migfd-corpus tests/data/qemu/ -max_total_time=3600
 
-The seed corpus is the real QEMU 7.2 streams in tests/data/qemu/ (pass more
+libFuzzer writes new inputs into the FIRST directory, so give it a scratch
+one; the seeds are the real QEMU 7.2 streams in tests/data/qemu/ (add more
 directories, e.g. streams saved by `migfd` file: migrations). The invariant is
 the one the Hypothesis tests hold in CI: the reader yields events or raises
 StreamError, never anything else, and never hangs. Input bytes are split into
