@@ -171,11 +171,22 @@ class VM:
         if extra:
             raise QMPError("GenericError", f"Parameter '{sorted(extra)[0]}' is unexpected")
         uri = args.get("uri")
+        named_fd = None
         if isinstance(uri, str) and uri.startswith("fd:") and not uri[3:].isdigit():
-            uri = f"fd:{session.get_fd(uri[3:])}"  # a name given to getfd, as in QEMU
-        address = parse_address(uri, args.get("channels"))
-        check_transport(address, self.params)  # before anything is opened or sent
-        migration = OutgoingMigration(self, address, self.params, self._on_status)
+            # A name given to getfd, as in QEMU. The fd leaves the session: this
+            # migration owns it and closes it, whether it is refused or runs.
+            named_fd = session.get_fd(uri[3:])
+            uri = f"fd:{named_fd}"
+        try:
+            address = parse_address(uri, args.get("channels"))
+            check_transport(address, self.params)  # before anything is opened or sent
+            migration = OutgoingMigration(self, address, self.params, self._on_status)
+        except BaseException:
+            if named_fd is not None:
+                os.close(named_fd)
+            raise
+        if named_fd is not None:
+            migration.owned_fds.append(named_fd)
         self.migration = migration
         migration.start()
 
@@ -184,7 +195,9 @@ class VM:
             raise QMPError("GenericError", "'-incoming' was not specified on the command line")
         if self.migration is not None:
             raise QMPError("GenericError", "The incoming migration has already been started")
-        self.start_incoming(parse_address(args.get("uri"), args.get("channels")))
+        address = parse_address(args.get("uri"), args.get("channels"))
+        check_transport(address, self.params)  # file: opens no listener that would check it
+        self.start_incoming(address)
 
     def start_incoming(self, address) -> None:
         migration = IncomingMigration(self, address, self.params, self._on_status)

@@ -1,0 +1,260 @@
+"""Shared fixtures of the process-level tests: short work directories, VM processes
+that are always stopped, a TAP in a network namespace, and skip markers.
+
+Every ``migfd vm`` a test starts goes through :class:`VMGroup`, so it is quit
+(or killed) when the test ends, whether the test passed or not: first by the
+test body's own ``finally`` (:func:`run_vm_test`), then, as a last resort, by
+the ``vms`` fixture's teardown, which SIGKILLs whatever is still alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute
+
+from migfd import net
+from migfd.harness import VMProcess
+
+# -- skip markers ----------------------------------------------------------------
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+
+
+def _has_capabilities(*caps: int) -> bool:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    effective = int(line.split()[1], 16)
+                    return all(effective >> cap & 1 for cap in caps)
+    except OSError:
+        pass
+    return False
+
+
+def _tun_usable() -> bool:
+    try:
+        fd = os.open(net.TUN_DEVICE_PATH, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+IS_ROOT = os.geteuid() == 0
+HAVE_TAP = IS_ROOT and _has_capabilities(CAP_NET_ADMIN, CAP_SYS_ADMIN) and _tun_usable()
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+needs_tap = pytest.mark.skipif(
+    not HAVE_TAP,
+    reason="needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN and a usable /dev/net/tun "
+           "(TAP devices inside a network namespace the test creates)")
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def run_async(coro: Awaitable[Any], timeout_s: float = 90.0) -> Any:
+    """Run an async test body to completion with asyncio.run, bounded by ``timeout_s``."""
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout_s)
+    return asyncio.run(bounded())
+
+
+def run_vm_test(vms: "VMGroup", body: Callable[[], Awaitable[Any]], timeout_s: float = 90.0) -> Any:
+    """Run ``body()`` with asyncio.run; every VM of ``vms`` is quit afterwards, pass or fail."""
+    async def main():
+        try:
+            return await asyncio.wait_for(body(), timeout_s)
+        finally:
+            await vms.aclose()
+    return asyncio.run(main())
+
+
+async def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, poll_s: float = 0.02,
+                     what: str = "condition") -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something true; fail after ``timeout_s``.
+
+    This waits for a state, it does not measure: the assertion is on the state.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s} s")
+        await asyncio.sleep(poll_s)
+
+
+def proc_fds(pid: int) -> list[str]:
+    """readlink of every /proc/PID/fd entry."""
+    out = []
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            out.append(os.readlink(f"{base}/{name}"))
+        except OSError:
+            pass
+    return out
+
+
+def memfd_inodes(pid: int) -> set[int]:
+    """Inodes of the memfds process ``pid`` holds (the same memfd has the same inode everywhere)."""
+    out = set()
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            if os.readlink(f"{base}/{name}").startswith("/memfd:"):
+                out.add(os.stat(f"{base}/{name}").st_ino)
+        except OSError:
+            pass
+    return out
+
+
+def sockets_of(pid: int) -> set[str]:
+    """The ``socket:[inode]`` links of process ``pid``."""
+    return {link for link in proc_fds(pid) if link.startswith("socket:")}
+
+
+def tun_fds(pid: int) -> int:
+    return sum(1 for link in proc_fds(pid) if link == net.TUN_DEVICE_PATH)
+
+
+class VMGroup:
+    """The VM processes of one test; ``await start(...)`` one, ``aclose()`` quits them all."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.vms: list[VMProcess] = []
+
+    async def start(self, name: str, **kwargs: Any) -> VMProcess:
+        vm = VMProcess(name, self.workdir, **kwargs)
+        self.vms.append(vm)
+        await vm.start()
+        return vm
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    async def aclose(self) -> None:
+        for vm in self.vms:
+            try:
+                await vm.quit(timeout_s=5)
+            except Exception:
+                pass
+            vm.kill()
+
+    def kill_all(self) -> None:
+        for vm in self.vms:
+            try:
+                vm.kill(signal.SIGKILL)
+            except Exception:
+                pass
+
+
+# -- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workdir():
+    """A fresh directory with a short path: UNIX socket paths are limited to 108 bytes."""
+    path = tempfile.mkdtemp(prefix="migfd-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def vms(workdir):
+    group = VMGroup(workdir)
+    try:
+        yield group
+    finally:
+        group.kill_all()  # a last resort: run_vm_test has normally quit them already
+
+
+@dataclass
+class NetnsTap:
+    """A persistent TAP ``ifname`` that is up, inside namespace ``ns``."""
+
+    ns: net.NetNamespace
+    ifname: str
+    queues: int
+
+    @property
+    def netns(self) -> str:
+        return self.ns.name
+
+
+#: frames the TAP's kernel queue holds (see netns_tap)
+TAP_TXQLEN = 20_000
+
+
+def _set_txqlen(ifname: str, length: int) -> int:
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        ipr.link("set", index=index, txqlen=length)
+        return ipr.get_links(index)[0].get_attr("IFLA_TXQLEN")
+
+
+@pytest.fixture
+def netns_tap(request):
+    """A NetNamespace with a persistent, up TAP in it; both removed at the end, always.
+
+    Parametrize indirectly with the number of queues (default 1) for a multi-queue TAP.
+    """
+    if not HAVE_TAP:
+        pytest.skip(needs_tap.kwargs["reason"])
+    queues = getattr(request, "param", 1)
+    ifname = "mtap0"
+    ns = net.NetNamespace()
+    try:
+        fd = net.open_tap(ifname, multi_queue=queues > 1, netns=ns.name)
+        try:
+            net.set_persist(fd, True)
+        finally:
+            os.close(fd)
+        # The TAP's kernel queue is what keeps frames while no guest reads (a stopped
+        # source). Its default, 1000 frames, is 50 ms at 20,000 frames/s: a loaded
+        # 2-core CI box can stop a guest longer than that, and the overflow would be
+        # counted as frames the handover lost. One second of frames decouples the
+        # exactly-once check from scheduling delays.
+        assert ns.run_in(_set_txqlen, ifname, TAP_TXQLEN) == TAP_TXQLEN
+        net.link_up(ifname, ns.name)
+        assert net.link_exists(ifname, ns.name)
+        yield NetnsTap(ns, ifname, queues)
+    finally:
+        try:
+            net.delete_link(ifname, ns.name)
+        except OSError:
+            pass
+        ns.close()
+
+
+@pytest.fixture
+def tcp_listener():
+    """A listening TCP socket on loopback that the test owns (to prove nobody connects)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        sock.setblocking(False)
+        yield sock
+    finally:
+        sock.close()
