@@ -33,11 +33,14 @@ debs:
 test: $(STAMP) debs
 	$(BIN)/python -m pytest -q
 
+# REPORT_ARGS: e.g. --quick, or --results DIR to report on an existing run.
+REPORT_ARGS ?=
 report: $(STAMP) debs
-	$(BIN)/migfd report
+	$(BIN)/migfd report $(REPORT_ARGS)
 
+# Jupyter refuses to start as root unless told; the notebooks' kernel is this venv's Python.
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/
 
 clean:
 	rm -rf $(VENV) reports

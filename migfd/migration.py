@@ -305,7 +305,10 @@ class OutgoingMigration(_Migration):
                     self._check_cancel()
                     ahead = sent / limit - (time.monotonic() - start) if limit else 0
                     if ahead > 0:
-                        time.sleep(ahead)
+                        # A batch goes out at once and the pause comes after it; a
+                        # migrate_cancel must not wait for the pause to end.
+                        self.cancel_requested.wait(ahead)
+                        self._check_cancel()
 
     def _precopy(self) -> None:
         ram = self.copied_ram()
@@ -371,6 +374,10 @@ class OutgoingMigration(_Migration):
         w.write_vmdesc()
         f.flush()
         self._account(f)
+        # Only now let go of the backends: closing them (unmapping GiBs of RAM)
+        # must not delay the EOF that lets the destination run the guest.
+        for dev in self.vm.devices:
+            dev.release()
         if self.return_path:
             self._wait_resumed()
         self.set_status(MigrationStatus.COMPLETED)
@@ -390,20 +397,21 @@ class OutgoingMigration(_Migration):
         """From here on the destination owns the backends."""
         self.stats.committed = True
         self.vm.set_runstate("postmigrate")
-        for dev in self.vm.devices:
-            dev.release()
 
     def _wait_resumed(self) -> None:
         f = self.file
         assert f is not None
         try:
+            # RESUMED, then SHUT(0) as QEMU's destination ends its return path;
+            # reading both lets the destination close first.
             while True:
                 kind, payload = _read_rp(f)
                 if kind == RP_RESUMED and len(payload) == 8:
                     self.stats.resume_ns = struct.unpack(">Q", payload)[0]
+                elif kind == ReturnPathMessage.SHUT:
+                    if payload != struct.pack(">I", 0) or not self.stats.resume_ns:
+                        raise MigrationError("the destination failed after the commit point")
                     return
-                if kind == ReturnPathMessage.SHUT:
-                    raise MigrationError("the destination failed after the commit point")
         except ChannelError as exc:
             raise MigrationError(f"no resume report from the destination: {exc}") from exc
 
