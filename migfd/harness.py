@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -28,6 +29,8 @@ from migfd.errors import MigrationError
 from migfd.net import NetNamespace
 
 TERMINAL = ("completed", "failed", "cancelled")
+#: how long a chardev client waits on one send before it calls the peer gone
+SEND_TIMEOUT_S = 10.0
 
 
 class VMProcess:
@@ -214,7 +217,9 @@ class ChardevClient:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(self.path)
-                sock.settimeout(0.001)
+                # Sends may wait while a stopped guest reads nothing (the kernel
+                # queue fills): that is an interruption to measure, not a disconnect.
+                sock.settimeout(SEND_TIMEOUT_S)
                 return sock
             except OSError:
                 sock.close()
@@ -251,10 +256,11 @@ class ChardevClient:
                         buf = b""
                         continue
                     next_send += interval
+                readable, _, _ = select.select([sock], [], [], 0.001)
+                if not readable:
+                    continue
                 try:
                     data = sock.recv(65536)
-                except (TimeoutError, BlockingIOError):
-                    continue
                 except OSError:
                     data = b""
                 if not data:

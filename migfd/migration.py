@@ -45,7 +45,7 @@ from migfd.stream import reader as ev
 from migfd.stream.constants import Command, ReturnPathMessage
 from migfd.stream.ram import PageBatch, RamBlock
 from migfd.stream.reader import StreamReader
-from migfd.stream.vmstate import UInt64, VMStateDescription
+from migfd.stream.vmstate import Bool, UInt64, VMStateDescription
 from migfd.stream.writer import StreamWriter
 from migfd.transport import (
     Address, FileAddress, IncomingListener, connect_outgoing, open_incoming_file,
@@ -56,7 +56,7 @@ log = logging.getLogger("migfd.migration")
 #: migfd's own section: when the source stopped the guest (CLOCK_MONOTONIC ns).
 MIGRATION_SECTION = "migfd-migration"
 MIGRATION_VMSD = VMStateDescription("migfd-migration", version_id=1, minimum_version_id=1,
-                                    fields=(UInt64("stop_ns"),))
+                                    fields=(UInt64("stop_ns"), Bool("running")))
 #: pages per batch the source encodes at once (16 MiB): bounds the copy it makes
 BATCH_PAGES = 4096
 #: migfd's return-path message after the destination resumed: be64 CLOCK_MONOTONIC ns.
@@ -131,6 +131,7 @@ class MigrationStats:
         out["x-fd-messages"] = self.fd_messages
         out["x-bytes-sent"] = self.bytes_sent
         out["x-device-state-bytes"] = self.device_state_bytes
+        out["x-committed"] = self.committed
         out["x-total-time-ns"] = now - self.start_ns
         if self.setup_done_ns:
             out["x-setup-time-ns"] = self.setup_done_ns - self.start_ns
@@ -169,6 +170,8 @@ class _Migration:
         self._on_status = on_status
         self.thread: threading.Thread | None = None
         self.finished = threading.Event()
+        #: called with each phase name (see migfd.faults); does nothing unless a fault is armed
+        self.hook: Callable[[str], None] = lambda phase: None
 
     def set_status(self, status: MigrationStatus) -> None:
         self.stats.status = status
@@ -213,8 +216,7 @@ class OutgoingMigration(_Migration):
         self.detached: list[Device] = []
         self.handover = {id(d): d.handover(params.backend_transfer) for d in vm.devices}
         self.stats.start_ns = time.monotonic_ns()
-        #: for fault injection in tests: called with a phase name at each step
-        self.hook: Callable[[str], None] = lambda phase: None
+        self._commit_lock = threading.Lock()
         #: fds this migration owns (an ``fd:`` channel taken with getfd), closed when it ends
         self.owned_fds: list[int] = []
 
@@ -225,9 +227,12 @@ class OutgoingMigration(_Migration):
 
     def cancel(self) -> None:
         """migrate_cancel: honoured until the commit point, ignored after it."""
-        if self.stats.committed or self.finished.is_set():
-            return
-        self.cancel_requested.set()
+        # The lock makes "cancel" and "commit" exclusive: a cancel that lands
+        # between the PONG and the commit wins, and the commit does not happen.
+        with self._commit_lock:
+            if self.stats.committed or self.finished.is_set():
+                return
+            self.cancel_requested.set()
         self.set_status(MigrationStatus.CANCELLING)
         if self.file is not None:
             self.file.shutdown()
@@ -257,9 +262,9 @@ class OutgoingMigration(_Migration):
         return [d for d in self.ram_devices() if not self.handover[id(d)]]
 
     def _setup(self) -> None:
-        self.hook("setup")
         self.file = connect_outgoing(self.address, self.params, timeout_s=self.timeout_s)
         self.file.settimeout(self.timeout_s)
+        self.hook("setup")
         self._check_cancel()
         self.writer = StreamWriter(self.file)
         w = self.writer
@@ -360,13 +365,15 @@ class OutgoingMigration(_Migration):
                 self.detached.append(dev)
             self.hook(f"device-{dev.id}")
             w.write_section_full(dev.section_name, 0, dev.vmsd, dev.save_state(handover))
-        w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD, {"stop_ns": self.stats.stop_ns})
+        # Like QEMU's globalstate: a guest paused before the migration stays paused.
+        w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD,
+                             {"stop_ns": self.stats.stop_ns, "running": self.was_running})
         self.stats.device_state_bytes = f.bytes_sent + len(f._wbuf) - before
         if self.return_path:
             cookie = self.stats.start_ns & 0xFFFFFFFF
+            self.hook("before-ack")  # all state sent; the PING asks for the acknowledgement
             w.write_ping(cookie)
             f.flush()
-            self.hook("before-ack")
             self._wait_pong(cookie)
         self._commit()
         self.hook("after-ack")
@@ -395,7 +402,9 @@ class OutgoingMigration(_Migration):
 
     def _commit(self) -> None:
         """From here on the destination owns the backends."""
-        self.stats.committed = True
+        with self._commit_lock:
+            self._check_cancel()
+            self.stats.committed = True
         self.vm.set_runstate("postmigrate")
 
     def _wait_resumed(self) -> None:
@@ -427,6 +436,10 @@ class OutgoingMigration(_Migration):
         if self.stats.committed:
             # The destination owns the backends now; resuming here would run the guest twice.
             log.error("migration failed after the commit point: %s", message)
+            # Nor may the source keep copies of them (an EOF that could not be
+            # sent skips the release in _complete; releasing twice is harmless).
+            for dev in self.vm.devices:
+                dev.release()
             self.stats.error = message
             self.set_status(MigrationStatus.FAILED)
             return
@@ -580,9 +593,11 @@ class IncomingMigration(_Migration):
                 self.return_path = True
             elif event.command == Command.PING:
                 self._load_devices()
+                self.hook("dest-loaded")
                 self._reply(ReturnPathMessage.PONG, event.data)
         elif isinstance(event, ev.EndOfState):
             self._load_devices()
+            self.hook("dest-eof")
             self._resume()
 
     def _reply(self, kind: int, payload: bytes = b"") -> None:
@@ -605,7 +620,10 @@ class IncomingMigration(_Migration):
 
     def _resume(self) -> None:
         self.stats.committed = True
-        self.stats.resume_ns = self.vm.vm_start()
+        if self._states[MIGRATION_SECTION][0]["running"]:
+            self.stats.resume_ns = self.vm.vm_start()
+        else:
+            self.stats.resume_ns = self.vm.vm_start(paused=True)
         self._reply(RP_RESUMED, struct.pack(">Q", self.stats.resume_ns))
         try:
             self._reply(ReturnPathMessage.SHUT, struct.pack(">I", 0))

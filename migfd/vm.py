@@ -19,6 +19,7 @@ from typing import Any
 
 from migfd.devices import Device, MemoryBackendMemfd, RunControl, from_options
 from migfd.errors import MigrationError
+from migfd.faults import FaultInjector
 from migfd.migration import IncomingMigration, MigrationStatus, OutgoingMigration
 from migfd.params import MigrationParameters
 from migfd.qmp import QMPError, QMPServer
@@ -47,6 +48,7 @@ class VM:
         self._stopped_at_ns = time.monotonic_ns()
         self._lock = threading.RLock()
         self.server: QMPServer | None = None
+        self.faults = FaultInjector()
 
     # -- run state (QEMU's vm_start / vm_stop) -----------------------------------
 
@@ -95,11 +97,18 @@ class VM:
                 self._event("STOP")
             return stop_ns
 
-    def vm_start(self) -> int:
-        """Run the guest; returns CLOCK_MONOTONIC ns of the resume."""
+    def vm_start(self, paused: bool = False) -> int:
+        """Run the guest; returns CLOCK_MONOTONIC ns of the resume.
+
+        ``paused``: an incoming guest that was paused on the source gets its
+        backends and threads but stays paused, as QEMU keeps its run state.
+        """
         with self._lock:
             if self.runstate == "inmigrate":
                 self._start_guest_threads()  # the backends just arrived
+            if paused:
+                self.runstate = "paused"
+                return time.monotonic_ns()
             self.ctl.resume()
             resume_ns = time.monotonic_ns()
             self.runstate = "running"
@@ -129,6 +138,9 @@ class VM:
             "query-migrate": self.qmp_query_migrate,
             "migrate_cancel": self.qmp_migrate_cancel,
             "x-query-guest": self.qmp_query_guest,
+            "x-migration-fault": self.qmp_migration_fault,
+            "x-migration-continue": lambda args: self.faults.release(),
+            "x-query-fault": lambda args: self.faults.query(),
         }
         for name, handler in commands.items():
             server.register(name, handler)
@@ -188,6 +200,7 @@ class VM:
         if named_fd is not None:
             migration.owned_fds.append(named_fd)
         self.migration = migration
+        migration.hook = self.faults.hook(migration)
         migration.start()
 
     def qmp_migrate_incoming(self, args: dict) -> None:
@@ -202,6 +215,7 @@ class VM:
     def start_incoming(self, address) -> None:
         migration = IncomingMigration(self, address, self.params, self._on_status)
         self.migration = migration
+        migration.hook = self.faults.hook(migration)
         migration.start()
 
     def qmp_query_migrate(self, args: dict) -> dict:
@@ -229,6 +243,20 @@ class VM:
                     if self.running:
                         self.ctl.resume()
         return out
+
+    def qmp_migration_fault(self, args: dict) -> None:
+        """migfd's own: arm a fault at a phase, or with phase "now" do it at once."""
+        phase, action = args.get("phase"), args.get("action")
+        if not isinstance(phase, str) or not isinstance(action, str):
+            raise QMPError("GenericError", "x-migration-fault takes 'phase' and 'action' strings")
+        if phase != "now":
+            self.faults.arm(phase, action)
+            return
+        if self.migration is None or self.migration.finished.is_set():
+            raise QMPError("GenericError", "no migration is running")
+        if action == "pause":
+            raise QMPError("GenericError", "'pause' needs a phase")
+        self.faults.fire(self.migration, action)
 
     def _on_status(self, status: MigrationStatus) -> None:
         self._event("MIGRATION", {"status": status.value})
