@@ -1,5 +1,6 @@
 """Shared fixtures of the process-level tests: short work directories, VM processes
-that are always stopped, a TAP in a network namespace, and skip markers.
+that are always stopped, a TAP in a network namespace, skip markers, and a
+destination the test plays itself (:class:`FakeDestination`).
 
 Every ``migfd vm`` a test starts goes through :class:`VMGroup`, so it is quit
 (or killed) when the test ends, whether the test passed or not: first by the
@@ -14,7 +15,9 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -258,3 +261,94 @@ def tcp_listener():
         yield sock
     finally:
         sock.close()
+
+
+# -- a destination played by the test ----------------------------------------------------------
+
+
+def _device_vmsds(name: str, instance_id: int, version_id: int):
+    from migfd.devices.chardev import VMSD as CHARDEV_VMSD
+    from migfd.devices.memfd import VMSD as MEMFD_VMSD
+    from migfd.devices.tap import VMSD as TAP_VMSD
+    from migfd.migration import MIGRATION_SECTION, MIGRATION_VMSD
+
+    if name == MIGRATION_SECTION:
+        return MIGRATION_VMSD
+    for vmsd in (CHARDEV_VMSD, MEMFD_VMSD, TAP_VMSD):
+        if name.endswith("/" + vmsd.name):
+            return vmsd
+    return None
+
+
+class FakeDestination:
+    """Listens like a destination and reads the source's stream with migfd's own reader.
+
+    At the PING (the source asking for the commit point) it does as told:
+    ``answer=None`` never replies (the source waits, stopped); ``"close"``
+    vanishes without a reply; ``"pong"`` acknowledges and then vanishes, as a
+    destination dying right after the commit point. Every fd that arrives is
+    kept (to compare with the source's) and closed by :meth:`close`.
+    """
+
+    def __init__(self, path: str, answer: str | None):
+        from migfd.stream.reader import StreamReader
+
+        assert answer in (None, "close", "pong")
+        self.reader = StreamReader(_device_vmsds)
+        self.answer = answer
+        self.fds: list[int] = []
+        self.pinged = threading.Event()
+        self.error: BaseException | None = None
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(1)
+        self._conn: socket.socket | None = None
+        self._thread = threading.Thread(target=self._run, name="fake-destination", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from migfd.stream.constants import Command, ReturnPathMessage
+        from migfd.stream.reader import CommandRecord, SectionFull
+
+        try:
+            self._listener.settimeout(30)
+            conn, _ = self._listener.accept()
+            self._conn = conn
+            while True:
+                data, ancdata, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(253 * 4))
+                fds: list[int] = []
+                for level, kind, payload in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds += list(memoryview(payload).cast("i"))
+                self.reader.receive_data(data, fds)
+                for event in self.reader.events():
+                    if isinstance(event, SectionFull):
+                        self.fds += event.fds
+                    elif isinstance(event, CommandRecord) and event.command == Command.PING:
+                        if self.answer == "pong":
+                            conn.sendall(struct.pack(">HH", ReturnPathMessage.PONG, len(event.data))
+                                         + event.data)
+                        self.pinged.set()
+                        if self.answer is not None:
+                            conn.close()
+                            return
+                if not data:
+                    return
+        except BaseException as exc:  # the test reports it
+            self.error = exc
+
+    def inodes(self) -> set[int]:
+        return {os.fstat(fd).st_ino for fd in self.fds}
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._listener.close()
+        self._thread.join(10)
+        self.reader.close()
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []

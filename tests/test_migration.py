@@ -11,7 +11,6 @@ holds nothing it received.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -20,7 +19,7 @@ import sys
 
 import pytest
 from conftest import (
-    memfd_inodes, proc_fds, run_vm_test, sockets_of, wait_until,
+    FakeDestination, memfd_inodes, proc_fds, run_vm_test, sockets_of, wait_until,
 )
 from qemu.qmp import EventListener, ExecuteError
 
@@ -41,9 +40,10 @@ def data_pages(size_mib: int) -> int:
 
 
 RAM_DATA_PAGES = data_pages(RAM_MIB)
-SLOW_RAM_MIB = 16
+SLOW_RAM_MIB = 32
 #: max-bandwidth that makes one precopy pass of SLOW_RAM_MIB filled RAM take about 4 s
-SLOW_BANDWIDTH = 4 << 20
+#: (pages go out in 16 MiB batches with a pause after each: two batches, two pauses)
+SLOW_BANDWIDTH = 8 << 20
 
 
 def ram_opt(transfer: bool, size_mib: int = RAM_MIB, dev_id: str = "ram0") -> str:
@@ -121,7 +121,7 @@ def test_live_migration_ram_and_chardev(vms, transfer):
                 assert dst_memfds != src_memfds  # a new memfd the pages were copied into
                 assert not (sockets_of(dst.pid) - dst_sockets) & src_sockets
         finally:
-            report = client.stop()
+            report = client.stop(drain_s=5.0)
 
         s, d = result.source, result.destination
         for info in (s, d):
@@ -284,7 +284,7 @@ def test_fd_channel_of_a_unix_socket_is_accepted_others_refused(vms):
             await wait_until(lambda: not set(refused + [passed]) & set(proc_fds(src.pid)),
                              what="VM closing the fds given to migrate")
         finally:
-            report = client.stop()
+            report = client.stop(drain_s=5.0)
         assert report.reconnects == 0 and report.lost == []
 
     run_vm_test(vms, body)
@@ -349,7 +349,7 @@ def test_capability_mismatch_fails_and_source_keeps_its_backends(vms):
             await wait_until(lambda: not memfd_inodes(dst.pid) and sockets_of(dst.pid) <= dst_sockets,
                              what="destination holding no received fd")
         finally:
-            report = client.stop()
+            report = client.stop(drain_s=5.0)
         assert report.reconnects == 0 and report.lost == [], report
 
     run_vm_test(vms, body)
@@ -386,7 +386,7 @@ def test_destination_refusing_device_state_closes_every_fd_it_received(vms):
                              what="destination closing the memfd and sockets it received")
             assert not any(link.startswith("/memfd:") for link in proc_fds(dst.pid))
         finally:
-            report = client.stop()
+            report = client.stop(drain_s=5.0)
         assert report.reconnects == 0 and report.lost == [], report
 
     run_vm_test(vms, body)
@@ -455,7 +455,7 @@ def test_failure_or_cancel_during_precopy_leaves_the_source_whole(vms, how):
             assert ram["ok"] and ram["bad-pages"] == 0
             assert client.wait_echoes(len(client.echoed) + 50), "the source no longer echoes"
         finally:
-            report = client.stop()
+            report = client.stop(drain_s=5.0)
         assert report.reconnects == 0 and report.lost == [], report
 
     run_vm_test(vms, body)
@@ -525,5 +525,81 @@ def test_file_migration_is_inspected_and_loaded(vms):
         ram = (await verify_ram(dst))["ram0"]
         assert ram["ok"] and ram["pages-stamped"] == data_pages(16)
         assert d["ram"]["normal"] == s["ram"]["normal"]
+
+    run_vm_test(vms, body)
+
+
+# -- around the commit point, against a destination the test plays itself ---------------------
+
+
+@pytest.mark.parametrize("how", ["cancel", "destination-vanishes"])
+def test_failure_while_the_source_waits_for_the_commit_point(vms, how):
+    """The guest is stopped and the fds are on the wire; a cancel, or a destination that
+    vanishes without acknowledging, resumes the source whole."""
+    chardev = vms.path("ch0.sock")
+
+    async def body():
+        src = await vms.start("src", objects=(ram_opt(True, 16),), chardevs=(chardev_opt(chardev),),
+                              dirty_rate_bytes_s=1 << 20)
+        client = ChardevClient(chardev, rate_per_s=500)
+        client.start()
+        fake = FakeDestination(vms.path("mig.sock"), answer=None if how == "cancel" else "close")
+        try:
+            assert client.wait_echoes(10)
+            src_memfds = memfd_inodes(src.pid)
+            src_sockets = sockets_of(src.pid)
+            await src.execute("migrate-set-parameters", {"backend-transfer": True})
+            await src.execute("migrate", {"uri": f"unix:{vms.path('mig.sock')}"})
+            await wait_until(fake.pinged.is_set, what="the source asking for the commit point")
+            assert fake.error is None, fake.error
+            assert len(fake.fds) == 3
+            assert src_memfds <= fake.inodes()  # the very memfd travelled
+            if how == "cancel":
+                # Stopped, waiting for the PONG, the backends' fds already on the wire.
+                assert (await src.execute("query-migrate"))["status"] == "device"
+                assert await status(src) == "finish-migrate"
+                await src.execute("migrate_cancel")
+            info = await src.wait_migration(30)
+            assert info["status"] == ("cancelled" if how == "cancel" else "failed")
+            assert await status(src) == "running"
+            assert memfd_inodes(src.pid) == src_memfds
+            assert src_sockets <= sockets_of(src.pid)
+            ram = (await verify_ram(src))["ram0"]
+            assert ram["ok"] and ram["pages-stamped"] == data_pages(16)
+            assert client.wait_echoes(len(client.echoed) + 50), "the source no longer echoes"
+        finally:
+            fake.close()
+            report = client.stop(drain_s=5.0)
+        assert report.reconnects == 0 and report.lost == [], report
+
+    run_vm_test(vms, body)
+
+
+def test_after_the_commit_point_the_source_never_resumes(vms):
+    """A destination that acknowledged and vanished: the source must not run the guest again."""
+    chardev = vms.path("ch0.sock")
+
+    async def body():
+        src = await vms.start("src", objects=(ram_opt(True, 16),), chardevs=(chardev_opt(chardev),),
+                              dirty_rate_bytes_s=1 << 20)
+        fake = FakeDestination(vms.path("mig.sock"), answer="pong")
+        try:
+            await src.execute("migrate-set-parameters", {"backend-transfer": True})
+            await src.execute("migrate", {"uri": f"unix:{vms.path('mig.sock')}"})
+            info = await src.wait_migration(30)
+            assert fake.pinged.is_set() and fake.error is None, fake.error
+            assert info["status"] == "failed"
+            assert info["error-desc"]  # EOF could not be sent, or no resume report came
+            assert await status(src) == "postmigrate"
+            # The backends are the destination's now: the source released them, and
+            # neither cont nor migrate_cancel brings the guest back here.
+            await wait_until(lambda: not memfd_inodes(src.pid), what="source releasing its memfd")
+            await src.execute("migrate_cancel")
+            with pytest.raises(ExecuteError):
+                await src.execute("cont")
+            assert await status(src) == "postmigrate"
+            assert (await src.execute("query-migrate"))["status"] == "failed"
+        finally:
+            fake.close()
 
     run_vm_test(vms, body)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 import pytest
-from conftest import memfd_inodes, needs_tap, run_vm_test, tun_fds, wait_until
+from conftest import FakeDestination, memfd_inodes, needs_tap, run_vm_test, tun_fds, wait_until
 
 from migfd import net
 from migfd.harness import migrate
@@ -22,8 +22,8 @@ pytestmark = [needs_tap, pytest.mark.timeout(120)]
 RATE = 20_000
 #: the probe stops by itself after this long at the latest; tests stop it sooner
 PROBE_MAX_S = 40
-SLOW_RAM = "memory-backend-memfd,id=ram0,size=16M,fill=on,backend-transfer=off"
-SLOW_BANDWIDTH = 4 << 20
+SLOW_RAM = "memory-backend-memfd,id=ram0,size=32M,fill=on,backend-transfer=off"
+SLOW_BANDWIDTH = 8 << 20
 
 
 def tap_opt(ifname: str, transfer: bool = True, queues: int = 1) -> str:
@@ -81,7 +81,7 @@ def test_handover_loses_and_duplicates_no_frame(netns_tap, vms):
             assert net.link_exists(netns_tap.ifname, netns_tap.netns)
             await more_frames(probe, 4000)
         finally:
-            report = probe.stop(drain_timeout_s=2.0)
+            report = probe.stop(drain_timeout_s=5.0)
         assert_exactly_once(report)
         assert report.frames_sent > 8000
         # Each frame was echoed by exactly one of the two guests; the count travelled as state.
@@ -112,7 +112,7 @@ def test_multi_queue_handover_passes_every_queue(netns_tap, vms):
             await more_frames(probe, 4000)
             assert await frames_echoed(dst) > echoed_before, "no frame flows on the destination"
         finally:
-            report = probe.stop(drain_timeout_s=2.0)
+            report = probe.stop(drain_timeout_s=5.0)
         assert_exactly_once(report)
 
     run_vm_test(vms, body)
@@ -153,7 +153,7 @@ def test_failed_or_cancelled_handover_loses_no_frame(netns_tap, vms, how):
             await more_frames(probe, 4000)
             assert await frames_echoed(src) > echoed, "the source no longer echoes"
         finally:
-            report = probe.stop(drain_timeout_s=2.0)
+            report = probe.stop(drain_timeout_s=5.0)
         assert_exactly_once(report)
         assert await frames_echoed(src) == report.frames_received
         ram = (await src.execute("x-query-guest", {"verify": True}))["ram-verify"]["ram0"]
@@ -190,7 +190,45 @@ def test_destination_refusing_state_after_the_tap_arrived_loses_no_frame(netns_t
             assert tun_fds(src.pid) == 1
             await more_frames(probe, 4000)
         finally:
-            report = probe.stop(drain_timeout_s=2.0)
+            report = probe.stop(drain_timeout_s=5.0)
+        assert_exactly_once(report)
+        assert await frames_echoed(src) == report.frames_received
+
+    run_vm_test(vms, body)
+
+
+@pytest.mark.parametrize("how", ["cancel", "destination-vanishes"])
+def test_failure_after_the_tap_fd_left_loses_no_frame(netns_tap, vms, how):
+    """The source is stopped with its TAP fd on the wire, waiting for the commit point;
+    a cancel, or a destination that vanishes, resumes it and every frame comes back once."""
+    tap = (tap_opt(netns_tap.ifname),)
+
+    async def body():
+        src = await vms.start("src", netdevs=tap, netns=netns_tap.ns)
+        fake = FakeDestination(vms.path("mig.sock"), answer=None if how == "cancel" else "close")
+        probe = new_probe(netns_tap)
+        try:
+            probe.start()
+            assert probe.wait_echoes(2000, 10)
+            await src.execute("migrate-set-parameters", {"backend-transfer": True})
+            await src.execute("migrate", {"uri": f"unix:{vms.path('mig.sock')}"})
+            await wait_until(fake.pinged.is_set, what="the source asking for the commit point")
+            assert fake.error is None, fake.error
+            # The TAP queue really left: the fake destination holds an fd of that TAP.
+            assert len(fake.fds) == 1 and net.is_tap_fd(fake.fds[0])
+            assert net.tap_info(fake.fds[0]).ifname == netns_tap.ifname
+            if how == "cancel":
+                assert (await src.execute("query-status"))["status"] == "finish-migrate"
+                await more_frames(probe, 1000)  # frames wait in the TAP queue meanwhile
+                await src.execute("migrate_cancel")
+            info = await src.wait_migration(30)
+            assert info["status"] == ("cancelled" if how == "cancel" else "failed")
+            assert (await src.execute("query-status"))["status"] == "running"
+            assert tun_fds(src.pid) == 1
+            await more_frames(probe, 4000)
+        finally:
+            fake.close()
+            report = probe.stop(drain_timeout_s=5.0)
         assert_exactly_once(report)
         assert await frames_echoed(src) == report.frames_received
 
@@ -218,7 +256,7 @@ def test_state_copy_reattaches_the_tap_and_frames_resume(netns_tap, vms, record_
             await more_frames(probe, 4000)
             assert await frames_echoed(dst) > echoed_before
         finally:
-            report = probe.stop(drain_timeout_s=2.0)
+            report = probe.stop(drain_timeout_s=5.0)
         after = sum(1 for seq in report.received if seq >= sent_at_completion)
         assert after > 0, "no echo after the state-copy migration"
         assert report.duplicated == ()
