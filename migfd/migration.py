@@ -381,12 +381,13 @@ class OutgoingMigration(_Migration):
         w.write_vmdesc()
         f.flush()
         self._account(f)
-        # Only now let go of the backends: closing them (unmapping GiBs of RAM)
-        # must not delay the EOF that lets the destination run the guest.
-        for dev in self.vm.devices:
-            dev.release()
         if self.return_path:
             self._wait_resumed()
+        # Only now let go of the backends: closing them (unmapping GiBs of RAM)
+        # takes a core for milliseconds, which must not be the destination's
+        # downtime. If the destination never reports, _rollback releases them.
+        for dev in self.vm.devices:
+            dev.release()
         self.set_status(MigrationStatus.COMPLETED)
 
     def _wait_pong(self, cookie: int) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from migfd.transport import check_transport, parse_address, parse_uri
 log = logging.getLogger("migfd.vm")
 
 DEFAULT_MACHINE = "migfd-pc"
+GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 class VM:
@@ -104,8 +106,6 @@ class VM:
         backends and threads but stays paused, as QEMU keeps its run state.
         """
         with self._lock:
-            if self.runstate == "inmigrate":
-                self._start_guest_threads()  # the backends just arrived
             if paused:
                 self.runstate = "paused"
                 return time.monotonic_ns()
@@ -214,6 +214,9 @@ class VM:
 
     def start_incoming(self, address) -> None:
         migration = IncomingMigration(self, address, self.params, self._on_status)
+        # Guest threads start now, parked: creating them at resume would be downtime.
+        # Parked, they touch no backend; the ones that arrive are theirs at resume.
+        self._start_guest_threads()
         self.migration = migration
         migration.hook = self.faults.hook(migration)
         migration.start()
@@ -291,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
     qmp = parse_uri(args.qmp)
     if not hasattr(qmp, "path") or not args.qmp.startswith("unix:"):
         raise MigrationError("--qmp takes unix:PATH")
+    # The migration thread, the QMP loop and the guest threads share the GIL;
+    # a thread woken by the kernel (the PONG, the EOF) would otherwise wait up
+    # to the default 5 ms switch interval for it, which is downtime.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     vm = build_vm(args)
     try:
         if args.incoming is None:

@@ -46,28 +46,33 @@ def _cells():
 
 
 @pytest.fixture(scope="module")
-def tap():
-    """One namespace and persistent TAP for the whole matrix (each cell starts new VMs)."""
+def namespace():
+    """One network namespace for the whole matrix."""
     if not HAVE_TAP:
         yield None
         return
-    ns = net.NetNamespace()
-    try:
-        fd = net.open_tap("rtap0", netns=ns.name)
-        try:
-            net.set_persist(fd, True)
-        finally:
-            os.close(fd)
-        # A stalled side reads nothing for up to TIMEOUT_MS: the kernel queue must hold it all.
-        assert ns.run_in(_set_txqlen, "rtap0", TAP_TXQLEN) == TAP_TXQLEN
-        net.link_up("rtap0", ns.name)
+    with net.NetNamespace() as ns:
         yield ns
+
+
+@pytest.fixture
+def tap(namespace):
+    """A fresh persistent TAP per cell: frames a cell left queued must not reach the next."""
+    if namespace is None:
+        yield None
+        return
+    fd = net.open_tap("rtap0", netns=namespace.name)
+    try:
+        net.set_persist(fd, True)
     finally:
-        try:
-            net.delete_link("rtap0", ns.name)
-        except OSError:
-            pass
-        ns.close()
+        os.close(fd)
+    try:
+        # A stalled side reads nothing for up to TIMEOUT_MS: the kernel queue must hold it all.
+        assert namespace.run_in(_set_txqlen, "rtap0", TAP_TXQLEN) == TAP_TXQLEN
+        net.link_up("rtap0", namespace.name)
+        yield namespace
+    finally:
+        net.delete_link("rtap0", namespace.name)
 
 
 async def _status(vm) -> tuple[str | None, str | None]:
