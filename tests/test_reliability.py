@@ -124,6 +124,8 @@ def test_fault_matrix(phase, fault, vms, tap):
             elif fault == "stall-destination":
                 os.kill(dst.pid, signal.SIGSTOP)
                 stopped = True
+                # A signal takes effect asynchronously: go on only once it has.
+                await wait_until(lambda: _proc_state(dst.pid) == "T", 10, what="destination stopped")
             elif fault == "migrate-cancel":
                 await src.execute("migrate_cancel")
             await src.execute("x-migration-continue")
@@ -173,6 +175,11 @@ async def _paused(vm, phase) -> bool:
 async def _settled(vm) -> bool:
     state, mig = await _status(vm)
     return state is None or mig in ("failed", "completed", "cancelled")
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _short(text: str) -> str:
