@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -30,6 +31,8 @@ log = logging.getLogger("migfd.vm")
 
 DEFAULT_MACHINE = "migfd-pc"
 GIL_SWITCH_INTERVAL_S = 0.0002
+#: fds an incoming VM's table is sized for before the migration starts
+FD_TABLE_RESERVE = 1024
 
 
 class VM:
@@ -214,6 +217,7 @@ class VM:
 
     def start_incoming(self, address) -> None:
         migration = IncomingMigration(self, address, self.params, self._on_status)
+        _grow_fd_table(FD_TABLE_RESERVE)
         # Guest threads start now, parked: creating them at resume would be downtime.
         # Parked, they touch no backend; the ones that arrive are theirs at resume.
         self._start_guest_threads()
@@ -263,6 +267,27 @@ class VM:
 
     def _on_status(self, status: MigrationStatus) -> None:
         self._event("MIGRATION", {"status": status.value})
+
+
+def _grow_fd_table(size: int) -> None:
+    """Make the kernel size this process's fd table for ``size`` fds now.
+
+    Received fds land at the lowest free numbers; when they outgrow the
+    table the kernel reallocates it and, in a multi-threaded process, waits
+    for an RCU grace period -- milliseconds that would fall inside the
+    downtime. Growing it before the migration moves that cost out.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = min(size, soft) - 1
+    probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if top > probe:
+            os.dup2(probe, top)
+            os.close(top)
+    except OSError:
+        pass  # only an optimisation
+    finally:
+        os.close(probe)
 
 
 # -- the process ---------------------------------------------------------------
