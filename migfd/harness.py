@@ -108,21 +108,8 @@ class VMProcess:
 
     async def quit(self, timeout_s: float = 10.0) -> None:
         """``quit`` over QMP, then wait for the process; kill it if it hangs."""
-        if self.qmp is not None:
-            try:
-                await asyncio.wait_for(self.qmp.execute("quit"), timeout_s)
-            except Exception:
-                pass
-            try:
-                await self.qmp.disconnect()
-            except Exception:
-                pass
-            self.qmp = None
-        if self.proc is not None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        await quit_over_qmp(self.qmp, self.proc, timeout_s)
+        self.qmp = None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -132,14 +119,41 @@ class VMProcess:
 
     def fds(self) -> list[str]:
         """What the process holds open now (readlink of /proc/PID/fd/*)."""
-        out = []
-        base = f"/proc/{self.pid}/fd"
-        for name in os.listdir(base):
-            try:
-                out.append(os.readlink(f"{base}/{name}"))
-            except OSError:
-                pass
-        return out
+        return proc_fds(self.pid)
+
+
+def proc_fds(pid: int) -> list[str]:
+    """readlink of every /proc/PID/fd entry: what a process holds open now."""
+    out = []
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            out.append(os.readlink(f"{base}/{name}"))
+        except OSError:
+            pass
+    return out
+
+
+async def quit_over_qmp(qmp: QMPClient | None, proc: subprocess.Popen | None,
+                        timeout_s: float = 10.0) -> None:
+    """``quit`` a QEMU or migfd VM over QMP, wait for it, SIGKILL it if it hangs."""
+    if qmp is not None:
+        try:
+            await asyncio.wait_for(qmp.execute("quit"), timeout_s)
+        except Exception:
+            pass
+        try:
+            await qmp.disconnect()
+        except Exception:
+            pass
+    if proc is not None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from migfd import net
-from migfd.harness import VMProcess
+from migfd.harness import VMProcess, proc_fds
 
 # -- skip markers ----------------------------------------------------------------
 
@@ -104,16 +104,6 @@ async def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, poll
         await asyncio.sleep(poll_s)
 
 
-def proc_fds(pid: int) -> list[str]:
-    """readlink of every /proc/PID/fd entry."""
-    out = []
-    base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
-        try:
-            out.append(os.readlink(f"{base}/{name}"))
-        except OSError:
-            pass
-    return out
 
 
 def memfd_inodes(pid: int) -> set[int]:

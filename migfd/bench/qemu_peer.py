@@ -37,6 +37,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
+from migfd.harness import quit_over_qmp
 from migfd.bench.scenarios import (
     DOWNTIME_LIMIT_MS, GiB, MAX_BANDWIDTH, MiB, BenchContext, Plan, RamSize, Scenario, Trial,
     TrialSpec, interleave, size_label, trials_for_size,
@@ -142,24 +143,8 @@ class QemuProcess:
         return [_event_time_ns(e) for e in self.events.history if e["event"] == name]
 
     async def stop(self) -> None:
-        if self.qmp is not None:
-            try:
-                await asyncio.wait_for(self.qmp.execute("quit"), 5)
-            except Exception:
-                pass
-            try:
-                await self.qmp.disconnect()
-            except Exception:
-                pass
-            self.qmp = None
-        if self.proc is not None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 10)
-            except subprocess.TimeoutExpired:
-                pass
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        await quit_over_qmp(self.qmp, self.proc, 10.0)
+        self.qmp = None
 
 
 class QemuTrial(Trial):
