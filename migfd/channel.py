@@ -114,6 +114,11 @@ class QEMUFile:
         return cls(name=path, file=f, **kwargs)
 
     @property
+    def bytes_written(self) -> int:
+        """Bytes put so far, sent or still buffered (service bytes of fds included)."""
+        return self.bytes_sent + len(self._wbuf) + len(self._pending_fds)
+
+    @property
     def socket(self) -> socket.socket | None:
         return self._sock
 

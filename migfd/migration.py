@@ -357,7 +357,7 @@ class OutgoingMigration(_Migration):
             written = w.write_ram_part(self._pages(self.copied_ram(), paced=False), end=True)
             self.stats.ram_transferred += written
             self.stats.ram_remaining = 0
-        before = f.bytes_sent + len(f._wbuf)
+        before = f.bytes_written
         for dev in self.vm.devices:
             handover = self.handover[id(dev)]
             if not handover:
@@ -368,7 +368,7 @@ class OutgoingMigration(_Migration):
         # Like QEMU's globalstate: a guest paused before the migration stays paused.
         w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD,
                              {"stop_ns": self.stats.stop_ns, "running": self.was_running})
-        self.stats.device_state_bytes = f.bytes_sent + len(f._wbuf) - before
+        self.stats.device_state_bytes = f.bytes_written - before
         if self.return_path:
             cookie = self.stats.start_ns & 0xFFFFFFFF
             self.hook("before-ack")  # all state sent; the PING asks for the acknowledgement

@@ -881,6 +881,27 @@ def _handover_floor_line(ax, df: pd.DataFrame, metadata: dict | None, scale: flo
                 fontsize=7, color="#444444")
 
 
+def _paired_counts(ax, first, second, first_word: str, second_word: str, key: tuple[str, str]) -> None:
+    """Two per-trial counts per mode side by side: ``first`` filled, ``second`` hollow,
+    each with its median bar and the totals written above the mode."""
+    rng = np.random.default_rng(0)  # fixed jitter: the same data draws the same figure
+    for i, ((_, av, color), (_, bv, _)) in enumerate(zip(first, second)):
+        for off, vals, face in ((-0.15, av, color), (0.15, bv, "white")):
+            xs = i + off + rng.uniform(-0.06, 0.06, len(vals))
+            ax.scatter(xs, vals, color=color, facecolor=face, s=24, zorder=3)
+            if len(vals):
+                ax.hlines(np.median(vals), i + off - 0.1, i + off + 0.1, color=color, linewidth=2.5)
+        ax.annotate(f"total: {int(np.sum(av))} {first_word}, {int(np.sum(bv))} {second_word}", (i, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
+                    ha="center", fontsize=8, color=color)
+    _marker_key(ax, *key)
+    ax.set_xticks(range(len(first)))
+    ax.set_xticklabels([g[0] for g in first], fontsize=8)
+    ax.set_xlim(-0.6, len(first) - 0.4)
+    top = max([1.0] + [float(np.max(v)) for _, v, _ in first + second if len(v)])
+    ax.set_ylim(-0.05 * top, top * 1.3)
+
+
 def _marker_key(ax, filled: str, hollow: str) -> None:
     """Legend entries for the two marker kinds, in grey: the colour is the mode's, on the axis."""
     ax.scatter([], [], color="#555555", s=24, label=filled)
@@ -903,26 +924,9 @@ def plot_packet_loss(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
         fig.suptitle("Frames under TAP traffic: no data")
         return fig
     good = rows[rows["ok"].fillna(False).astype(bool)]
-    lost = _mode_groups(rows, "frames_lost")
-    dup = _mode_groups(rows, "frames_duplicated")
-    # lost (filled) and duplicated (hollow) side by side within each mode
-    rng = np.random.default_rng(0)
-    for i, ((label, lv, color), (_, dv, _)) in enumerate(zip(lost, dup)):
-        for off, vals, face in ((-0.15, lv, color), (0.15, dv, "white")):
-            xs = i + off + rng.uniform(-0.06, 0.06, len(vals))
-            ax_lost.scatter(xs, vals, color=color, facecolor=face, s=24, zorder=3)
-            if len(vals):
-                ax_lost.hlines(np.median(vals), i + off - 0.1, i + off + 0.1, color=color, linewidth=2.5)
-        ax_lost.annotate(f"total: {int(np.sum(lv))} lost, {int(np.sum(dv))} duplicated", (i, 1.0),
-                         xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
-                         ha="center", fontsize=8, color=color)
-    _marker_key(ax_lost, "frames lost", "frames duplicated")
-    ax_lost.set_xticks(range(len(lost)))
-    ax_lost.set_xticklabels([g[0] for g in lost], fontsize=8)
-    ax_lost.set_xlim(-0.6, len(lost) - 0.4)
+    _paired_counts(ax_lost, _mode_groups(rows, "frames_lost"), _mode_groups(rows, "frames_duplicated"),
+                   "lost", "duplicated", ("frames lost", "frames duplicated"))
     ax_lost.axhline(0, color=FLOOR_COLOR, linestyle="-.", linewidth=1.2, label="target: 0 lost, 0 duplicated")
-    top = max([1.0] + [float(np.max(v)) for _, v, _ in lost + dup if len(v)])
-    ax_lost.set_ylim(-0.05 * top, top * 1.3)
     ax_lost.set_ylabel("frames per trial (count, linear)")
     sent = good["frames_sent"].astype("float64").dropna()
     ax_lost.set_title(f"Frames lost (filled) and duplicated (hollow)\n"
@@ -960,24 +964,8 @@ def plot_chardev(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     ax_gap.set_title("Interruption seen by the client", fontsize=10)
     ax_gap.grid(True, axis="y", which="both", alpha=0.3)
 
-    lost = _mode_groups(rows, "lines_lost")
-    rec = _mode_groups(rows, "reconnects")
-    rng = np.random.default_rng(0)
-    for i, ((label, lv, color), (_, rv, _)) in enumerate(zip(lost, rec)):
-        for off, vals, face in ((-0.15, lv, color), (0.15, rv, "white")):
-            xs = i + off + rng.uniform(-0.06, 0.06, len(vals))
-            ax_lines.scatter(xs, vals, color=color, facecolor=face, s=24, zorder=3)
-            if len(vals):
-                ax_lines.hlines(np.median(vals), i + off - 0.1, i + off + 0.1, color=color, linewidth=2.5)
-        ax_lines.annotate(f"total: {int(np.sum(lv))} lines lost, {int(np.sum(rv))} reconnects", (i, 1.0),
-                          xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
-                          ha="center", fontsize=8, color=color)
-    _marker_key(ax_lines, "lines lost", "reconnects")
-    ax_lines.set_xticks(range(len(lost)))
-    ax_lines.set_xticklabels([g[0] for g in lost], fontsize=8)
-    ax_lines.set_xlim(-0.6, len(lost) - 0.4)
-    top = max([1.0] + [float(np.max(v)) for _, v, _ in lost + rec if len(v)])
-    ax_lines.set_ylim(-0.05 * top, top * 1.3)
+    _paired_counts(ax_lines, _mode_groups(rows, "lines_lost"), _mode_groups(rows, "reconnects"),
+                   "lines lost", "reconnects", ("lines lost", "reconnects"))
     ax_lines.axhline(0, color=FLOOR_COLOR, linestyle="-.", linewidth=1.2, label="floor: nothing lost, no reconnect")
     ax_lines.set_ylabel("per trial (count, linear)")
     sent = rows.loc[rows["ok"].fillna(False).astype(bool), "lines_sent"].astype("float64").dropna()

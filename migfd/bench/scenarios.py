@@ -482,11 +482,7 @@ class FdCountTrial(VMTrial):
         return migration_params(self.spec, self.ctx, **{"x-batch-fds": self.spec.variant == "batched"})
 
     async def after_cleanup(self) -> None:
-        if self.ifname is not None and self.scenario.netns is not None:
-            try:
-                net.delete_link(self.ifname, self.scenario.netns.name)
-            except OSError:
-                pass
+        _delete_tap(self.ifname, self.scenario.netns)
 
 
 class FdCount(Scenario):
@@ -608,11 +604,7 @@ class TapTrafficTrial(VMTrial):
         if self.probe is not None:
             self.probe.close()
             self.probe = None
-        if self.ifname is not None and self.scenario.netns is not None:
-            try:
-                net.delete_link(self.ifname, self.scenario.netns.name)
-            except OSError:
-                pass
+        _delete_tap(self.ifname, self.scenario.netns)
 
 
 class TapTraffic(Scenario):
@@ -843,3 +835,12 @@ def all_scenarios() -> list[Scenario]:
 SCENARIO_NAMES = ("ram-size", "fd-count", "tap-traffic", "chardev", "qemu-peer", "limits")
 
 __all__ = ["BenchContext", "Plan", "Scenario", "Trial", "TrialSpec", "SCENARIO_NAMES", "all_scenarios"]
+
+
+def _delete_tap(ifname: str | None, netns) -> None:
+    """Remove a trial's TAP (and the frames queued in it); gone already is fine."""
+    if ifname is not None and netns is not None:
+        try:
+            net.delete_link(ifname, netns.name)
+        except OSError:
+            pass
