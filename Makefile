@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test report lab venv debs clean
+.PHONY: test test-unit report lab venv debs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,14 @@ debs:
 	  fi; \
 	fi
 
+# The layer rules (import-linter contracts in pyproject.toml), then both halves of the suite.
 test: $(STAMP) debs
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The fast half alone: no processes, no root, no QEMU (tests/unit).
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
 
 # REPORT_ARGS: e.g. --quick, or --results DIR to report on an existing run.
 REPORT_ARGS ?=

@@ -11,18 +11,26 @@ kernel then has dropped fds silently.
 Ownership: ``put_fd`` does not take the fd (the sender keeps it until the
 handover commits). Received fds belong to the channel until ``get_fd`` or
 ``read_chunk`` hands them out; ``close`` closes the ones never claimed.
+
+Errors are :class:`ChannelClosedError` when this side closed the channel and
+used it after, :class:`ChannelBrokenError` when it broke from outside (the
+peer closed it mid-record or reset it, a timeout, a failed read or write; the
+OSError is the ``__cause__``), and plain :class:`ChannelError` for a request
+the channel cannot meet. :meth:`QEMUFile.shutdown` makes the channel look
+broken, as if the peer had vanished.
 """
 
 from __future__ import annotations
 
 import array
-import os
 import socket
 import struct
 from collections import deque
 from typing import BinaryIO
 
-from migfd.errors import ChannelError
+from migfd.errors import ChannelBrokenError, ChannelClosedError, ChannelError
+from migfd.fds import close_fds
+from migfd.units import KiB
 from migfd.stream.constants import FD_SERVICE_BYTE
 
 #: The kernel's limit of fds in one SCM_RIGHTS message.
@@ -31,18 +39,10 @@ SCM_MAX_FD = 253
 MAX_FDS_PER_MESSAGE = 16
 #: Bound on received fds not yet claimed, so a peer cannot exhaust our fd table.
 MAX_QUEUED_FDS = 1024
-DEFAULT_BUFSIZE = 256 * 1024
+DEFAULT_BUFSIZE = 256 * KiB
 
 _FD_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def socket_supports_fds(sock: socket.socket) -> bool:
@@ -129,7 +129,12 @@ class QEMUFile:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise ChannelError(f"{self.name} is closed")
+            raise ChannelClosedError(f"{self.name} is closed")
+
+    def _io_error(self, message: str) -> ChannelError:
+        """The error for failed I/O: closed if this side closed it meanwhile, else broken."""
+        kind = ChannelClosedError if self.closed else ChannelBrokenError
+        return kind(f"{self.name}: {message}")
 
     def _no_fds(self) -> ChannelError:
         return ChannelError(f"{self.name} does not support fd passing")
@@ -196,9 +201,9 @@ class QEMUFile:
                 while view:
                     view = view[self._file.write(view):]
         except TimeoutError as exc:
-            raise ChannelError(f"{self.name}: timed out writing") from exc
+            raise self._io_error("timed out writing") from exc
         except OSError as exc:
-            raise ChannelError(f"{self.name}: write failed: {exc.strerror or exc}") from exc
+            raise self._io_error(f"write failed: {exc.strerror or exc}") from exc
         self.bytes_sent += len(data)
 
     def _send_fds(self) -> None:
@@ -213,9 +218,9 @@ class QEMUFile:
                 # The fds went with the first byte; the rest is plain data.
                 self._sock.sendall(payload[sent:])
         except TimeoutError as exc:
-            raise ChannelError(f"{self.name}: timed out sending fds") from exc
+            raise self._io_error("timed out sending fds") from exc
         except OSError as exc:
-            raise ChannelError(f"{self.name}: sending fds failed: {exc.strerror or exc}") from exc
+            raise self._io_error(f"sending fds failed: {exc.strerror or exc}") from exc
         self.bytes_sent += len(payload)
         self.fds_sent += len(fds)
         self.fd_messages += 1
@@ -247,12 +252,12 @@ class QEMUFile:
             else:
                 data, fds = self._recvmsg()
         except TimeoutError as exc:
-            raise ChannelError(f"{self.name}: timed out waiting for data") from exc
+            raise self._io_error("timed out waiting for data") from exc
         except OSError as exc:
-            raise ChannelError(f"{self.name}: read failed: {exc.strerror or exc}") from exc
+            raise self._io_error(f"read failed: {exc.strerror or exc}") from exc
         if not data:
             self._eof = True
-            _close_all(fds)
+            close_fds(fds)
             return b"", []
         self.bytes_received += len(data)
         self.fds_received += len(fds)
@@ -273,7 +278,7 @@ class QEMUFile:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
         if flags & socket.MSG_CTRUNC:
-            _close_all(fds)
+            close_fds(fds)
             raise ChannelError(f"{self.name}: control message truncated, fds were lost")
         return data, fds
 
@@ -295,10 +300,10 @@ class QEMUFile:
         return data, fds
 
     def get_buffer(self, n: int) -> bytes:
-        """Exactly ``n`` bytes, or a ChannelError at end of stream."""
+        """Exactly ``n`` bytes, or a ChannelBrokenError at end of stream."""
         while len(self._rbuf) - self._rpos < n:
             if not self._fill():
-                raise ChannelError(f"{self.name}: end of stream, {n} bytes expected")
+                raise ChannelBrokenError(f"{self.name}: end of stream, {n} bytes expected")
         out = bytes(self._rbuf[self._rpos:self._rpos + n])
         self._rpos += n
         return out
@@ -341,7 +346,7 @@ class QEMUFile:
         if self.closed:
             return
         self.closed = True
-        _close_all(self._rfds)
+        close_fds(self._rfds)
         self._rfds.clear()
         self._pending_fds = []
         for closable in (self._sock, self._file):

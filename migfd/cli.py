@@ -12,9 +12,12 @@ import sys
 
 from migfd.errors import MigrationError
 
+# Each subcommand imports its own stack when it runs: ``migfd vm`` (started for
+# every trial of the benchmark) must not load pandas, matplotlib or the runner,
+# and ``migfd inspect`` needs nothing but the codec.
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from migfd.analyze import format_summary, inspect_stream
+    from migfd.stream.inspect import format_summary, inspect_stream
 
     summary = inspect_stream(args.path)
     if args.json:
@@ -38,7 +41,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from migfd.report import main
+    from migfd.results.report import main
 
     return main(args)
 

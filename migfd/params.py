@@ -11,10 +11,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from migfd.errors import MigrationError
+from migfd.units import MiB
 
 #: QEMU's defaults: 300 ms downtime-limit, 128 MiB/s max-bandwidth.
 DEFAULT_DOWNTIME_LIMIT_MS = 300
-DEFAULT_MAX_BANDWIDTH = 128 << 20
+DEFAULT_MAX_BANDWIDTH = 128 * MiB
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,20 @@ UNIX socket when its fd is an AF_UNIX stream socket.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from migfd.channel import QEMUFile
 from migfd.errors import TransportError
 from migfd.params import MigrationParameters
+
+log = logging.getLogger("migfd.transport")
 
 UNIX_REQUIRED = ("Migration requires a UNIX domain socket as transport, "
                  "because backend-transfer is enabled")
@@ -210,16 +214,20 @@ class IncomingListener:
 
     A UNIX socket is created with ``mode`` (0600 by default) before anyone can
     connect, and a peer of another uid is refused: no fd is ever exchanged with
-    a stranger.
+    a stranger, and the refusal costs the rightful source nothing.
     """
 
     def __init__(self, address: Address, params: MigrationParameters, *,
-                 mode: int = 0o600, allowed_uids: frozenset[int] | None = None):
+                 mode: int = 0o600, allowed_uids: frozenset[int] | None = None,
+                 on_refused: Callable[[], None] | None = None):
         check_transport(address, params)
+        self._on_refused = on_refused
         self.address = address
         self.params = params
         self.allowed_uids = allowed_uids if allowed_uids is not None else frozenset({os.getuid()})
         self._sock: socket.socket | None = None
+        #: connections refused because their peer's uid is not allowed
+        self.refused = 0
         try:
             if isinstance(address, UnixAddress):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -238,15 +246,27 @@ class IncomingListener:
             raise TransportError(f"Failed to listen on '{address}': {exc.strerror or exc}") from exc
         self._sock = sock
 
+    def set_params(self, params: MigrationParameters) -> None:
+        """Parameters changed before a source connected; the transport check applies to them too."""
+        check_transport(self.address, params)
+        self.params = params
+
     @property
     def socket(self) -> socket.socket:
         assert self._sock is not None
         return self._sock
 
     def accept(self, timeout_s: float | None = None) -> QEMUFile:
+        """The rightful source's channel; strangers are refused and cost nothing.
+
+        A peer of another uid gets one line saying why, is closed, and is
+        counted in :attr:`refused`; the listener keeps waiting, within the
+        same ``timeout_s``, for a peer that is allowed.
+        """
         sock = self.socket
-        sock.settimeout(timeout_s)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            sock.settimeout(None if deadline is None else max(deadline - time.monotonic(), 0.0))
             try:
                 conn, _ = sock.accept()
             except TimeoutError as exc:
@@ -256,14 +276,23 @@ class IncomingListener:
             if conn.family == socket.AF_UNIX:
                 uid = peer_uid(conn)
                 if uid not in self.allowed_uids:
-                    try:
-                        conn.sendall(f"migfd: access denied: peer uid {uid} is not allowed\n".encode())
-                    except OSError:
-                        pass
-                    conn.close()
-                    raise TransportError(f"refused a migration connection from uid {uid} on '{self.address}'")
+                    self._refuse(conn, uid)
+                    continue
             conn.settimeout(None)
             return QEMUFile.from_socket(conn, "migration-socket-incoming", batch_fds=self.params.x_batch_fds)
+
+    def _refuse(self, conn: socket.socket, uid: int) -> None:
+        self.refused += 1
+        if self._on_refused is not None:
+            self._on_refused()
+        log.warning("refused a migration connection from uid %d on '%s'; still listening", uid, self.address)
+        try:
+            # Non-blocking: a stranger that never reads must not hold the listener up.
+            conn.setblocking(False)
+            conn.send(f"migfd: access denied: peer uid {uid} is not allowed\n".encode())
+        except OSError:
+            pass
+        conn.close()
 
     def close(self) -> None:
         if self._sock is None:

@@ -17,14 +17,16 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from migfd.devices import Device, MemoryBackendMemfd, RunControl, from_options
-from migfd.errors import MigrationError
+from migfd.errors import MigrationError, QMPError
 from migfd.faults import FaultInjector
+from migfd.fds import close_fd
 from migfd.migration import IncomingMigration, MigrationStatus, OutgoingMigration
 from migfd.params import MigrationParameters
-from migfd.qmp import QMPError, QMPServer
+from migfd.qmp import QMPServer
 from migfd.transport import check_transport, parse_address, parse_uri
 
 log = logging.getLogger("migfd.vm")
@@ -33,6 +35,12 @@ DEFAULT_MACHINE = "migfd-pc"
 GIL_SWITCH_INTERVAL_S = 0.0002
 #: fds an incoming VM's table is sized for before the migration starts
 FD_TABLE_RESERVE = 1024
+#: QEMU's words when a migration is running and a change would alter it
+MIGRATION_IN_PROGRESS = "There's a migration process in progress"
+#: parameters that shape the stream: fixed once a stream has started
+STREAM_SHAPING = ("backend_transfer", "x_batch_fds")
+#: the migration capabilities migfd knows (QEMU's MigrationCapability names)
+CAPABILITIES = ("events", "backend-transfer")
 
 
 class VM:
@@ -48,6 +56,9 @@ class VM:
         self.devices = devices
         self.ctl = RunControl()
         self.params = MigrationParameters()
+        #: capabilities other than backend-transfer (which lives in params); migfd emits
+        #: MIGRATION events whatever ``events`` says
+        self.capabilities: dict[str, bool] = {"events": False}
         self.migration: OutgoingMigration | IncomingMigration | None = None
         self.runstate = "inmigrate" if incoming else "prelaunch"
         self._stopped_at_ns = time.monotonic_ns()
@@ -136,6 +147,8 @@ class VM:
             "cont": self.qmp_cont,
             "quit": self.qmp_quit,
             "migrate-set-parameters": self.qmp_migrate_set_parameters,
+            "migrate-set-capabilities": self.qmp_migrate_set_capabilities,
+            "query-migrate-capabilities": self.qmp_query_migrate_capabilities,
             "query-migrate-parameters": lambda args: self.params.to_qmp(),
             "migrate-incoming": self.qmp_migrate_incoming,
             "query-migrate": self.qmp_query_migrate,
@@ -173,15 +186,60 @@ class VM:
         return m is not None and not m.finished.is_set()
 
     def qmp_migrate_set_parameters(self, args: dict) -> None:
-        if self._migration_active():
-            raise QMPError("GenericError", "Migration parameters cannot change during a migration")
-        self.params = self.params.updated(args)
+        """As QEMU: tunables change at any time, also during a migration.
+
+        A parameter that shapes the stream (backend-transfer, x-batch-fds) is
+        fixed once a stream has started: on the source from ``migrate`` on, on
+        the destination from the moment a source connected. Until then a
+        listening or deferred destination takes every change.
+        """
+        self._apply_params(self.params.updated(args))
+
+    def _apply_params(self, new: MigrationParameters) -> None:
+        m = self.migration
+        if m is not None and not m.finished.is_set():
+            changed = {name for name in STREAM_SHAPING if getattr(new, name) != getattr(self.params, name)}
+            if isinstance(m, IncomingMigration) and not m.connected:
+                m.set_params(new)  # raises the transport check's error for a wrong listener
+            elif changed:
+                raise QMPError(MIGRATION_IN_PROGRESS)
+            else:
+                m.params = new
+        self.params = new
+
+    def qmp_migrate_set_capabilities(self, args: dict) -> None:
+        """QEMU's capability list; migfd knows ``events`` and ``backend-transfer``.
+
+        ``backend-transfer`` is the same switch as the parameter (the first
+        qemu-devel proposal made it a capability). As in QEMU, capabilities
+        never change under an outgoing migration.
+        """
+        caps = args.get("capabilities")
+        if not isinstance(caps, list):
+            raise QMPError("Parameter 'capabilities' is missing")
+        states: dict[str, bool] = {}
+        for cap in caps:
+            if not isinstance(cap, dict) or not isinstance(cap.get("state"), bool):
+                raise QMPError("Parameter 'state' expects a boolean")
+            name = cap.get("capability")
+            if name not in CAPABILITIES:
+                raise QMPError(f"Parameter 'capability' does not accept value '{name}'")
+            states[name] = cap["state"]
+        if isinstance(self.migration, OutgoingMigration) and not self.migration.finished.is_set():
+            raise QMPError(MIGRATION_IN_PROGRESS)
+        if "backend-transfer" in states:
+            self._apply_params(replace(self.params, backend_transfer=states.pop("backend-transfer")))
+        self.capabilities.update(states)
+
+    def qmp_query_migrate_capabilities(self, args: dict) -> list[dict]:
+        states = dict(self.capabilities, **{"backend-transfer": self.params.backend_transfer})
+        return [{"capability": name, "state": states[name]} for name in CAPABILITIES]
 
     def qmp_migrate(self, args: dict, session) -> None:
         if self.runstate in ("inmigrate", "postmigrate"):
             raise QMPError("GenericError", f"cannot migrate a VM in state '{self.runstate}'")
         if self._migration_active():
-            raise QMPError("GenericError", "There's a migration process in progress")
+            raise QMPError(MIGRATION_IN_PROGRESS)
         extra = set(args) - {"uri", "channels", "detach", "resume", "blk", "inc"}
         if extra:
             raise QMPError("GenericError", f"Parameter '{sorted(extra)[0]}' is unexpected")
@@ -198,7 +256,7 @@ class VM:
             migration = OutgoingMigration(self, address, self.params, self._on_status)
         except BaseException:
             if named_fd is not None:
-                os.close(named_fd)
+                close_fd(named_fd)
             raise
         if named_fd is not None:
             migration.owned_fds.append(named_fd)
@@ -226,9 +284,10 @@ class VM:
         migration.start()
 
     def qmp_query_migrate(self, args: dict) -> dict:
-        if self.migration is None:
-            return {}
-        return self.migration.stats.to_qmp()
+        out = {} if self.migration is None else self.migration.stats.to_qmp()
+        if self.server is not None and self.server.refused:
+            out["x-refused-qmp-connections"] = self.server.refused
+        return out
 
     def qmp_migrate_cancel(self, args: dict) -> None:
         if isinstance(self.migration, OutgoingMigration):

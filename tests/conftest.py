@@ -20,14 +20,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from pyroute2 import IPRoute
 
-from migfd import net
-from migfd.harness import VMProcess, proc_fds
+from migfd.net.tun import TUN_DEVICE_PATH
+from migfd.peers.process import VMProcess, proc_fds
+from migfd.peers.tapnet import netns_with_tap
 
 # -- skip markers ----------------------------------------------------------------
 
@@ -49,7 +48,7 @@ def _has_capabilities(*caps: int) -> bool:
 
 def _tun_usable() -> bool:
     try:
-        fd = os.open(net.TUN_DEVICE_PATH, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(TUN_DEVICE_PATH, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
     os.close(fd)
@@ -125,7 +124,7 @@ def sockets_of(pid: int) -> set[str]:
 
 
 def tun_fds(pid: int) -> int:
-    return sum(1 for link in proc_fds(pid) if link == net.TUN_DEVICE_PATH)
+    return sum(1 for link in proc_fds(pid) if link == TUN_DEVICE_PATH)
 
 
 class VMGroup:
@@ -182,62 +181,27 @@ def vms(workdir):
         group.kill_all()  # a last resort: run_vm_test has normally quit them already
 
 
-@dataclass
-class NetnsTap:
-    """A persistent TAP ``ifname`` that is up, inside namespace ``ns``."""
-
-    ns: net.NetNamespace
-    ifname: str
-    queues: int
-
-    @property
-    def netns(self) -> str:
-        return self.ns.name
-
-
 #: frames the TAP's kernel queue holds (see netns_tap)
 TAP_TXQLEN = 20_000
 
 
-def _set_txqlen(ifname: str, length: int) -> int:
-    with IPRoute() as ipr:
-        index = ipr.link_lookup(ifname=ifname)[0]
-        ipr.link("set", index=index, txqlen=length)
-        return ipr.get_links(index)[0].get_attr("IFLA_TXQLEN")
-
-
 @pytest.fixture
 def netns_tap(request):
-    """A NetNamespace with a persistent, up TAP in it; both removed at the end, always.
+    """A NetNamespace with a persistent, up TAP in it (a :class:`migfd.peers.tapnet.NetnsTap`);
+    both removed at the end, always.
 
     Parametrize indirectly with the number of queues (default 1) for a multi-queue TAP.
     """
     if not HAVE_TAP:
         pytest.skip(needs_tap.kwargs["reason"])
     queues = getattr(request, "param", 1)
-    ifname = "mtap0"
-    ns = net.NetNamespace()
-    try:
-        fd = net.open_tap(ifname, multi_queue=queues > 1, netns=ns.name)
-        try:
-            net.set_persist(fd, True)
-        finally:
-            os.close(fd)
-        # The TAP's kernel queue is what keeps frames while no guest reads (a stopped
-        # source). Its default, 1000 frames, is 50 ms at 20,000 frames/s: a loaded
-        # 2-core CI box can stop a guest longer than that, and the overflow would be
-        # counted as frames the handover lost. One second of frames decouples the
-        # exactly-once check from scheduling delays.
-        assert ns.run_in(_set_txqlen, ifname, TAP_TXQLEN) == TAP_TXQLEN
-        net.link_up(ifname, ns.name)
-        assert net.link_exists(ifname, ns.name)
-        yield NetnsTap(ns, ifname, queues)
-    finally:
-        try:
-            net.delete_link(ifname, ns.name)
-        except OSError:
-            pass
-        ns.close()
+    # The TAP's kernel queue is what keeps frames while no guest reads (a stopped
+    # source). Its default, 1000 frames, is 50 ms at 20,000 frames/s: a loaded
+    # 2-core CI box can stop a guest longer than that, and the overflow would be
+    # counted as frames the handover lost. One second of frames decouples the
+    # exactly-once check from scheduling delays.
+    with netns_with_tap("mtap0", queues=queues, txqlen=TAP_TXQLEN) as tap:
+        yield tap
 
 
 @pytest.fixture
@@ -342,3 +306,14 @@ class FakeDestination:
             except OSError:
                 pass
         self.fds = []
+
+
+# -- the two halves ----------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by its half: tests/unit (``-m unit``) or tests/system (``-m system``)."""
+    for item in items:
+        half = item.path.parent.name
+        if half in ("unit", "system"):
+            item.add_marker(getattr(pytest.mark, half))

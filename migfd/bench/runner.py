@@ -20,14 +20,10 @@ import argparse
 import asyncio
 import csv
 import datetime as dt
-import importlib.metadata
-import json
 import os
-import platform
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,9 +33,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from migfd.bench.scenarios import (
-    SCENARIO_NAMES, BenchContext, Plan, Scenario, Trial, TrialSpec, all_scenarios,
+from migfd.bench.metadata import (
+    base_metadata, checkout_root, iso, meminfo, source_digest, utc_now, write_json,
 )
+from migfd.bench.registry import SCENARIO_NAMES, all_scenarios
+from migfd.bench.scenario import BenchContext, Plan, Scenario, Trial, TrialSpec
 
 #: results.csv columns, in order (docs/RESULTS.md)
 COLUMNS = (
@@ -49,137 +47,10 @@ COLUMNS = (
     "lines_lost", "reconnects", "stop_resume_ns", "value", "unit", "ok", "error",
 )
 
-PACKAGES = ("migfd", "qemu.qmp", "numpy", "pandas", "tqdm", "pyroute2")
-
-
-def project_root() -> Path | None:
-    """The source checkout migfd runs from, if it runs from one."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "pyproject.toml").exists() else None
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def iso(t: dt.datetime) -> str:
-    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
-
 
 def default_out(start: dt.datetime) -> Path:
-    base = project_root() or Path.cwd()
+    base = checkout_root() or Path.cwd()
     return base / "benchmarks" / "results" / f"{start.strftime('%Y%m%dT%H%M%SZ')}-{socket.gethostname()}"
-
-
-# -- metadata ------------------------------------------------------------------
-
-
-def _git(*args: str) -> str | None:
-    root = project_root()
-    if root is None or shutil.which("git") is None:
-        return None
-    try:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def meminfo(key: str) -> int:
-    """A /proc/meminfo value in bytes (0 if unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def source_digest() -> str:
-    """sha256 over migfd's own source files: the code the VM processes of this run executed.
-
-    Taken at the start and at the end of a run; if they differ, the code changed
-    while the run went on (each trial's processes load it afresh).
-    """
-    import hashlib
-
-    package = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        h.update(str(path.relative_to(package)).encode() + b"\0")
-        try:
-            h.update(path.read_bytes())
-        except OSError:
-            pass
-    return h.hexdigest()
-
-
-def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    from migfd.bench.qemu_peer import qemu_version
-
-    out["qemu"] = qemu_version()
-    return out
-
-
-def base_metadata(args: argparse.Namespace, start: dt.datetime, out: Path, names: list[str]) -> dict:
-    revision = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "git_revision": revision or "unknown",
-        "git_dirty": (bool(status) if status is not None else None),
-        "source_sha256": source_digest(),
-        "host": socket.gethostname(),
-        "kernel": f"{platform.system()} {platform.release()} {platform.version()}",
-        "machine": platform.machine(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "memory_total_bytes": meminfo("MemTotal"),
-        "memory_available_bytes": meminfo("MemAvailable"),
-        "python": sys.version.split()[0],
-        "python_implementation": platform.python_implementation(),
-        "packages": package_versions(),
-        "euid": os.geteuid(),
-        "loadavg_start": list(os.getloadavg()),
-        "start": iso(start),
-        "end": None,
-        "duration_s": None,
-        "options": {
-            "argv": list(sys.argv),
-            "quick": bool(args.quick),
-            "scenarios": names,
-            "trials": args.trials,
-            "out": str(out),
-        },
-        "scenarios": {},
-        "warnings": {},
-        "rows": 0,
-        "failed_rows": 0,
-    }
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 # -- results.csv ---------------------------------------------------------------

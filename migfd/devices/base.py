@@ -18,7 +18,8 @@ import threading
 from typing import Any
 
 from migfd.errors import MigrationError
-from migfd.stream.vmstate import VMStateDescription
+from migfd.fds import close_fd
+from migfd.stream import VMStateDescription
 
 
 class RunControl:
@@ -101,6 +102,8 @@ class RunControl:
             self._cond.wait_for(lambda: self._threads == 0, timeout_s)
 
     def _poke(self) -> None:
+        if self._wake_w < 0:
+            return  # closed: no thread is left to wake
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
@@ -108,8 +111,8 @@ class RunControl:
 
     def close(self) -> None:
         self.shutdown()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        self._wake_r = close_fd(self._wake_r)
+        self._wake_w = close_fd(self._wake_w)
 
 
 class Device:
@@ -171,50 +174,3 @@ class Device:
     def info(self) -> dict[str, Any]:
         """Guest-visible counters and checks, for x-query-guest."""
         return {}
-
-
-def close_fd(fd: int) -> int:
-    """Close ``fd`` if it is open; returns -1 to store in its place (trio's rule)."""
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    return -1
-
-
-def parse_opts(text: str) -> tuple[str, dict[str, str]]:
-    """QEMU's option syntax: ``driver,key=value,...`` -> (driver, {key: value})."""
-    parts = text.split(",")
-    driver, opts = parts[0], {}
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise MigrationError(f"option '{part}' of '{text}' lacks a value")
-        opts[key] = value
-    if not driver or "id" not in opts:
-        raise MigrationError(f"'{text}' needs a driver and an id")
-    return driver, opts
-
-
-def opt_bool(opts: dict[str, str], key: str, default: bool = False) -> bool:
-    value = opts.pop(key, None)
-    if value is None:
-        return default
-    if value in ("on", "yes", "true"):
-        return True
-    if value in ("off", "no", "false"):
-        return False
-    raise MigrationError(f"'{key}' takes on or off, not '{value}'")
-
-
-def opt_size(text: str) -> int:
-    """QEMU sizes: 64M, 1G, 4096, 2k."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    number = t[:-1] if t[-1:] in units else t
-    try:
-        return int(number) * mult
-    except ValueError:
-        raise MigrationError(f"'{text}' is not a size") from None

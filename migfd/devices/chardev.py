@@ -16,9 +16,10 @@ from typing import Any
 
 from migfd.devices.base import Device, RunControl
 from migfd.errors import MigrationError
-from migfd.stream.vmstate import Bool, Fd, Subsection, UInt64, VBuffer, VMStateDescription
+from migfd.units import KiB
+from migfd.stream import Bool, Fd, Subsection, UInt64, VBuffer, VMStateDescription
 
-MAX_PENDING = 64 * 1024
+MAX_PENDING = 64 * KiB
 
 _LISTENER = VMStateDescription(
     "chardev-socket/listener", version_id=1, minimum_version_id=1, fields=(Fd("listener_fd"),))

@@ -13,6 +13,7 @@ KVM's dirty log would be for a real guest.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import random
@@ -25,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from migfd.devices.base import Device, RunControl, close_fd
+from migfd.devices.base import Device, RunControl
 from migfd.errors import MigrationError
-from migfd.stream.constants import TARGET_PAGE_SIZE
-from migfd.stream.vmstate import Fd, Subsection, UInt64, VMStateDescription
+from migfd.fds import close_fd
+from migfd.stream import TARGET_PAGE_SIZE, Fd, Subsection, UInt64, VMStateDescription
 
 PAGE = TARGET_PAGE_SIZE
 _ZERO = bytes(PAGE)
@@ -92,10 +93,9 @@ class MemoryBackendMemfd(Device):
         try:
             os.ftruncate(fd, self.size)
             # The size is part of the contract with a receiver: seal it.
-            import fcntl
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         except BaseException:
-            os.close(fd)
+            close_fd(fd)
             raise
         self._adopt(fd)
         self.mark_all_dirty()

@@ -16,9 +16,10 @@ import os
 import select
 from typing import Any
 
-from migfd import net
-from migfd.devices.base import Device, RunControl, close_fd
+from migfd.devices.base import Device, RunControl
 from migfd.errors import MigrationError
+from migfd.fds import close_fd
+from migfd.net import ethernet, netns, tun
 from migfd.stream.vmstate import (
     Bool, Fd, Int32, Subsection, UInt32, UInt64, VArray, VBuffer, VMStateDescription,
 )
@@ -29,7 +30,7 @@ FRAMES_PER_TURN = 64
 
 _BACKEND = VMStateDescription(
     "tap/backend", version_id=1, minimum_version_id=1,
-    fields=(VArray("queue_fds", element=Fd("fd"), max_elements=net.MAX_TAP_QUEUES),))
+    fields=(VArray("queue_fds", element=Fd("fd"), max_elements=tun.MAX_TAP_QUEUES),))
 
 VMSD = VMStateDescription(
     "tap", version_id=1, minimum_version_id=1,
@@ -47,13 +48,13 @@ class TapNetdev(Device):
     def __init__(self, id: str, ifname: str, queues: int = 1, vnet_hdr: bool = False,
                  backend_transfer: bool = False):
         super().__init__(id, backend_transfer)
-        if not 1 <= queues <= net.MAX_TAP_QUEUES:
-            raise MigrationError(f"netdev '{id}': queues must be 1 to {net.MAX_TAP_QUEUES}")
+        if not 1 <= queues <= tun.MAX_TAP_QUEUES:
+            raise MigrationError(f"netdev '{id}': queues must be 1 to {tun.MAX_TAP_QUEUES}")
         self.ifname = ifname
         self.queues = queues
         self.vnet_hdr = vnet_hdr
         self.vnet_hdr_size = 12 if vnet_hdr else 0
-        self.offloads = net.TUN_F_CSUM if vnet_hdr else 0
+        self.offloads = tun.TUN_F_CSUM if vnet_hdr else 0
         self.fds: list[int] = []
         self.frames_echoed = 0
         self.write_errors = 0
@@ -61,18 +62,18 @@ class TapNetdev(Device):
     # -- backend ------------------------------------------------------------
 
     def open_backend(self) -> None:
-        existed = net.link_exists(self.ifname)
+        existed = netns.link_exists(self.ifname)
         self._attach()
         if not existed:
-            net.set_persist(self.fds[0], True)
-        net.link_up(self.ifname)
+            tun.set_persist(self.fds[0], True)
+        netns.link_up(self.ifname)
 
     def _attach(self) -> None:
         try:
             if self.queues == 1:
-                fds = [net.open_tap(self.ifname, vnet_hdr=self.vnet_hdr)]
+                fds = [tun.open_tap(self.ifname, vnet_hdr=self.vnet_hdr)]
             else:
-                fds = net.open_tap_queues(self.ifname, self.queues, vnet_hdr=self.vnet_hdr)
+                fds = tun.open_tap_queues(self.ifname, self.queues, vnet_hdr=self.vnet_hdr)
         except OSError as exc:
             hint = " (another process holds it)" if exc.errno == errno.EBUSY else ""
             raise MigrationError(f"netdev '{self.id}': cannot attach TAP {self.ifname}: "
@@ -80,8 +81,8 @@ class TapNetdev(Device):
         try:
             for fd in fds:
                 if self.vnet_hdr:
-                    net.set_vnet_hdr_size(fd, self.vnet_hdr_size)
-                net.set_offload(fd, self.offloads)
+                    tun.set_vnet_hdr_size(fd, self.vnet_hdr_size)
+                tun.set_offload(fd, self.offloads)
         except OSError as exc:
             for fd in fds:
                 close_fd(fd)
@@ -122,7 +123,7 @@ class TapNetdev(Device):
                     except OSError:
                         break  # queue detached under us (state copy); next turn sees it
                     try:
-                        os.write(fd, frame[:hdr] + net.echo_frame(frame[hdr:]))
+                        os.write(fd, frame[:hdr] + ethernet.echo_frame(frame[hdr:]))
                         self.frames_echoed += 1
                     except OSError:
                         self.write_errors += 1
@@ -168,9 +169,9 @@ class TapNetdev(Device):
 
 def validate_tap_fd(fd: int, ifname: str, multi_queue: bool, device: str) -> None:
     """A handed-over TAP fd must be a tun/tap fd attached to the expected interface."""
-    if not net.is_tap_fd(fd):
+    if not tun.is_tap_fd(fd):
         raise MigrationError(f"netdev '{device}': received fd is not a TAP device")
-    info = net.tap_info(fd)
+    info = tun.tap_info(fd)
     if info.ifname != ifname:
         raise MigrationError(f"netdev '{device}': received TAP is attached to {info.ifname}, expected {ifname}")
     if info.multi_queue != multi_queue:

@@ -6,7 +6,13 @@
 """
 
 from migfd.errors import StreamError
-from migfd.stream.constants import Command, ReturnPathMessage, SectionType
+from migfd.stream.constants import (
+    FD_SERVICE_BYTE,
+    TARGET_PAGE_SIZE,
+    Command,
+    ReturnPathMessage,
+    SectionType,
+)
 from migfd.stream.ram import PageBatch, RamBlock
 from migfd.stream.reader import (
     NEED_DATA,
@@ -49,7 +55,8 @@ from migfd.stream.vmstate import (
 from migfd.stream.writer import FdRecord, MemorySink, StreamWriter
 
 __all__ = [
-    "NEED_DATA", "Bool", "Buffer", "Command", "CommandRecord", "Configuration", "EndOfState",
+    "FD_SERVICE_BYTE", "NEED_DATA", "TARGET_PAGE_SIZE",
+    "Bool", "Buffer", "Command", "CommandRecord", "Configuration", "EndOfState",
     "Event", "Fd", "FdRecord", "Field", "Header", "Int", "Int8", "Int16", "Int32", "Int64",
     "List", "MemorySink", "PageBatch", "RamBlock", "RamMemSize", "RamPage", "RamPageRun", "ReturnPathMessage",
     "SectionFooter", "SectionFull", "SectionHeader", "SectionType", "StreamError",

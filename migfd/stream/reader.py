@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from migfd.errors import StreamError
+from migfd.fds import close_fds
 from migfd.stream import ram
 from migfd.stream.constants import (
     COMMAND_LENGTH,
@@ -282,12 +282,8 @@ class StreamReader:
 
     def close(self) -> None:
         """Close every fd that was received and never claimed by an event."""
-        while self._fds:
-            fd = self._fds.popleft()
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self._fds)
+        self._fds.clear()
 
     # -- output ---------------------------------------------------------
 

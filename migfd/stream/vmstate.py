@@ -71,6 +71,19 @@ class Cursor:
         self.pos += n
         return out
 
+    def starts_with(self, prefix: bytes) -> bool:
+        """Whether the next bytes are ``prefix``, consuming nothing.
+
+        False as soon as a received byte differs; NeedData only while every
+        byte received so far matches and more are needed to be sure.
+        """
+        have = bytes(self.data[self.pos:self.pos + len(prefix)])
+        if not prefix.startswith(have):
+            return False
+        if len(have) < len(prefix):
+            raise NeedData
+        return True
+
     def peek_u8(self) -> int:
         if self.pos >= len(self.data):
             raise NeedData
@@ -440,11 +453,16 @@ def _load_subsections(cur: Cursor, vmsd: VMStateDescription, state: dict) -> Non
         save = cur.pos
         at = cur.offset
         cur.u8()
-        name = cur.idstr("subsection name")
-        if not name.startswith(vmsd.name + "/"):
-            # Not ours: e.g. a nested struct's parent continues. Put it back.
+        prefix = vmsd.name.encode() + b"/"
+        # As QEMU: a name too short to be "parent/x", or one that does not start
+        # with "parent/", is not ours (a buffer of a nested struct may start with
+        # 0x05). Decide on the first byte that differs from the prefix: the bytes
+        # after it may lie beyond this section, and deciding must not wait for them.
+        length = cur.u8()
+        if length < len(prefix) or not cur.starts_with(prefix):
             cur.pos = save
             return
+        name = cur.take(length).decode("ascii", errors="replace")
         sub = by_name.get(name)
         if sub is None:
             raise cur.error(f"unknown subsection '{name}' of {vmsd.name}", at)

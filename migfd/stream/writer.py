@@ -72,6 +72,20 @@ def _idstr(name: str) -> bytes:
     return bytes([len(raw)]) + raw
 
 
+def section_header(kind: SectionType, section_id: int, name: str = "", instance_id: int = 0,
+                   version_id: int = 0) -> bytes:
+    """The bytes opening a section: START/FULL carry name, instance and version, PART/END the id only."""
+    head = bytes([kind]) + struct.pack(">I", section_id)
+    if kind in (SectionType.START, SectionType.FULL):
+        head += _idstr(name) + struct.pack(">II", instance_id, version_id)
+    return head
+
+
+def section_footer(section_id: int) -> bytes:
+    """The bytes closing a section: 0x7e and its id."""
+    return bytes([SectionType.SECTION_FOOTER]) + struct.pack(">I", section_id)
+
+
 class StreamWriter:
     """Writes one migration stream (QEMU's qemu_savevm_state_* in order).
 
@@ -123,19 +137,18 @@ class StreamWriter:
 
     def _full_header(self, kind: SectionType, name: str, instance_id: int, version_id: int) -> int:
         sid = self.section_id(name, instance_id)
-        self.sink.put_buffer(bytes([kind]) + struct.pack(">I", sid) + _idstr(name)
-                             + struct.pack(">II", instance_id, version_id))
+        self.sink.put_buffer(section_header(kind, sid, name, instance_id, version_id))
         return sid
 
     def _short_header(self, kind: SectionType, name: str, instance_id: int) -> int:
         sid = self._section_ids.get((name, instance_id))
         if sid is None:
             raise ValueError(f"section {name}/{instance_id} has no START")
-        self.sink.put_buffer(bytes([kind]) + struct.pack(">I", sid))
+        self.sink.put_buffer(section_header(kind, sid))
         return sid
 
     def _footer(self, sid: int) -> None:
-        self.sink.put_buffer(bytes([SectionType.SECTION_FOOTER]) + struct.pack(">I", sid))
+        self.sink.put_buffer(section_footer(sid))
 
     def write_section_full(self, name: str, instance_id: int, vmsd: VMStateDescription,
                            state: dict) -> None:

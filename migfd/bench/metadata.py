@@ -1,0 +1,147 @@
+"""What ``metadata.json`` records about a benchmark run: code, machine, load, packages, times.
+
+The keys are described in docs/RESULTS.md; everything here is read from the
+system (git, /proc, package metadata), nothing is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from migfd.paths import in_checkout, repo_root
+from migfd.peers.qemu import qemu_version
+
+PACKAGES = ("migfd", "qemu.qmp", "numpy", "pandas", "tqdm", "pyroute2")
+
+
+def checkout_root() -> Path | None:
+    """The source checkout migfd runs from, if it runs from one."""
+    return repo_root() if in_checkout() else None
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(t: dt.datetime) -> str:
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _git(*args: str) -> str | None:
+    root = checkout_root()
+    if root is None or shutil.which("git") is None:
+        return None
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def meminfo(key: str) -> int:
+    """A /proc/meminfo value in bytes (0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def source_digest() -> str:
+    """sha256 over migfd's own source files: the code the VM processes of this run executed.
+
+    Taken at the start and at the end of a run; if they differ, the code changed
+    while the run went on (each trial's processes load it afresh).
+    """
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0")
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            pass
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the Python packages a run depends on, and of the QEMU it found (None: absent)."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    out["qemu"] = qemu_version()
+    return out
+
+
+def base_metadata(args: argparse.Namespace, start: dt.datetime, out: Path, names: list[str]) -> dict:
+    """metadata.json as written at the start of a run; the runner fills in the rest."""
+    revision = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_revision": revision or "unknown",
+        "git_dirty": (bool(status) if status is not None else None),
+        "source_sha256": source_digest(),
+        "host": socket.gethostname(),
+        "kernel": f"{platform.system()} {platform.release()} {platform.version()}",
+        "machine": platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_total_bytes": meminfo("MemTotal"),
+        "memory_available_bytes": meminfo("MemAvailable"),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "packages": package_versions(),
+        "euid": os.geteuid(),
+        "loadavg_start": list(os.getloadavg()),
+        "start": iso(start),
+        "end": None,
+        "duration_s": None,
+        "options": {
+            "argv": list(sys.argv),
+            "quick": bool(args.quick),
+            "scenarios": names,
+            "trials": args.trials,
+            "out": str(out),
+        },
+        "scenarios": {},
+        "warnings": {},
+        "rows": 0,
+        "failed_rows": 0,
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON in one rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,73 @@
+"""``fd-count``: 1 to 256 handed-over fds (TAP queues or chardev sockets), fd records batched or not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from migfd.bench.scenario import (
+    FD_PASSING, STATE_COPY, BenchContext, Plan, TapScenario, Trial, TrialSpec, VMConfig, VMTrial,
+    interleave, migration_params, tap_available,
+)
+
+
+class FdCountTrial(VMTrial):
+    def __init__(self, spec: TrialSpec, ctx: BenchContext, scenario: "FdCount"):
+        super().__init__(spec, ctx)
+        self.scenario = scenario
+        self.ifname: str | None = None
+
+    async def before_start(self) -> None:
+        if self.spec.backend == "tap":
+            self.ifname = self.scenario.new_tap(queues=self.spec.n_fds or 1)
+
+    def config(self) -> VMConfig:
+        n = self.spec.n_fds or 1
+        if self.spec.backend == "tap":
+            return VMConfig(netdevs=(f"tap,id=net0,ifname={self.ifname},queues={n},backend-transfer=on",),
+                            netns=self.scenario.netns, expected_fds=n)
+        chardevs = tuple(f"socket,id=ch{i},path={self.workdir}/ch{i}.sock,server=on,backend-transfer=on"
+                         for i in range(n))
+        return VMConfig(chardevs=chardevs, expected_fds=n)
+
+    def params(self) -> dict[str, Any]:
+        return migration_params(self.spec, self.ctx, **{"x-batch-fds": self.spec.variant == "batched"})
+
+    async def after_cleanup(self) -> None:
+        self.scenario.remove_tap(self.ifname)
+
+
+class FdCount(TapScenario):
+    name = "fd-count"
+    description = ("1 to 256 handed-over fds (queues of a multi-queue TAP as root, listening "
+                   "chardev sockets otherwise), fd records batched (up to 16 per sendmsg) and "
+                   "unbatched; state copy of the same VM for comparison")
+
+    COUNTS = [1, 4, 16, 64, 256]
+    QUICK_COUNTS = [1, 16, 256]
+
+    tap_prefix = "fdc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend = ""
+
+    def uses_tap(self) -> bool:
+        return self.backend == "tap"
+
+    def plan(self, ctx: BenchContext) -> Plan:
+        self.backend = "tap" if tap_available() is None else "socket"
+        counts = self.QUICK_COUNTS if ctx.quick else self.COUNTS
+        n = ctx.n_trials(5, 2)
+        modes = [{"mode": FD_PASSING, "variant": "batched"}, {"mode": STATE_COPY, "variant": ""},
+                 {"mode": FD_PASSING, "variant": "unbatched"}]
+        specs = [TrialSpec(self.name, item["mode"], item["trial"], variant=item["variant"],
+                           backend=self.backend, ram_bytes=0, n_fds=item["n"], dirty_rate_bytes_s=0,
+                           live=True)
+                 for item in interleave([{"n": c} for c in counts], modes, n)]
+        why = tap_available()
+        return Plan(specs, {"points": [{"n_fds": c, "trials": n} for c in counts],
+                            "fd_kind": "multi-queue TAP queues" if self.backend == "tap"
+                            else f"listening chardev sockets (TAP: {why})"})
+
+    def trial(self, spec: TrialSpec, ctx: BenchContext) -> Trial:
+        return FdCountTrial(spec, ctx, self)

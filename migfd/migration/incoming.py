@@ -1,0 +1,239 @@
+"""The destination of a migration (``migrate-incoming``): load every section, acknowledge, run at EOF.
+
+It loads and validates every device section before it answers the source's
+PING; nothing runs until EOF, and a failure before it closes every backend
+loaded and every fd received.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from typing import Callable
+
+from migfd.channel import QEMUFile
+from migfd.errors import MigrationError
+from migfd.fds import close_fd
+from migfd.migration.base import (
+    MIGRATION_SECTION,
+    MIGRATION_VMSD,
+    RP_RESUMED,
+    MigrationBase,
+    MigrationHost,
+    MigrationStatus,
+    write_rp,
+)
+from migfd.params import MigrationParameters, check_capabilities
+from migfd.stream import (
+    Command,
+    CommandRecord,
+    Configuration,
+    EndOfState,
+    Event,
+    RamMemSize,
+    RamPage,
+    RamPageRun,
+    ReturnPathMessage,
+    SectionFull,
+    StreamReader,
+    VMStateDescription,
+)
+from migfd.transport import Address, FileAddress, IncomingListener, open_incoming_file
+
+__all__ = ["IncomingMigration"]
+
+log = logging.getLogger("migfd.migration")
+
+
+class IncomingMigration(MigrationBase):
+    """``migrate-incoming`` / ``--incoming``: listen, load, resume at EOF."""
+
+    def __init__(self, vm: MigrationHost, address: Address, params: MigrationParameters,
+                 on_status: Callable[[MigrationStatus], None]):
+        super().__init__(vm, params, on_status)
+        self.address = address
+        self.listener: IncomingListener | None = None
+        #: orders a parameter change against the moment a source connects
+        self._accept_lock = threading.Lock()
+        self.file: QEMUFile | None = None
+        if not isinstance(address, FileAddress):
+            # Listening now (not in the thread) so a wrong transport fails the command.
+            self.listener = IncomingListener(address, params, on_refused=self._count_refused)
+        self.reader = StreamReader(self._lookup, ram_runs=True)
+        self._states: dict[str, tuple[dict, tuple[int, ...]]] = {}
+        self._loaded = False
+        #: fds received in device sections and not yet adopted by a device
+        self._received: list[int] = []
+        self.return_path = False
+        self._by_section = {d.section_name: d for d in vm.devices}
+        self._by_block = {d.block_id: d for d in self.ram_devices()}
+
+    def _count_refused(self) -> None:
+        self.stats.refused_connections += 1
+
+    @property
+    def connected(self) -> bool:
+        """True once a source connected (or the file opened): the stream has started."""
+        return self.file is not None
+
+    def set_params(self, params: MigrationParameters) -> None:
+        """New parameters while no source has connected yet (QEMU takes them then too)."""
+        with self._accept_lock:
+            if self.connected:
+                raise MigrationError("There's a migration process in progress")
+            if self.listener is not None:
+                self.listener.set_params(params)
+            self.params = params
+
+    def start(self) -> None:
+        self.set_status(MigrationStatus.SETUP)
+        self.thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.file is not None:
+            self.file.shutdown()
+
+    def _lookup(self, name: str, instance_id: int, version_id: int) -> VMStateDescription | None:
+        if name == MIGRATION_SECTION:
+            return MIGRATION_VMSD
+        dev = self._by_section.get(name)
+        return dev.vmsd if dev is not None else None
+
+    def _run(self) -> None:
+        try:
+            self.stats.start_ns = time.monotonic_ns()
+            if self.listener is not None:
+                conn = self.listener.accept()
+                with self._accept_lock:
+                    self.file = conn
+                self.listener.close()
+                self.listener = None
+            else:
+                assert isinstance(self.address, FileAddress)
+                self.file = open_incoming_file(self.address)
+            self.file.settimeout(self.timeout_s)
+            self.stats.setup_done_ns = time.monotonic_ns()
+            self.set_status(MigrationStatus.ACTIVE)
+            self._load()
+            self.set_status(MigrationStatus.COMPLETED)
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            self.reader.close()
+            if self.file is not None:
+                self.file.close()
+            self.finished.set()
+
+    def _load(self) -> None:
+        f = self.file
+        assert f is not None
+        while not self.reader.done:
+            data, fds = f.read_chunk()
+            self.stats.fds_passed += len(fds)
+            self.reader.receive_data(data, fds)
+            if not data:
+                self.reader.receive_eof()
+            for event in self.reader.events():
+                self._handle(event)
+            if not data:
+                break
+        if not self.stats.committed:
+            raise MigrationError("the stream ended before EOF")
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Configuration):
+            if event.machine != self.vm.machine:
+                raise MigrationError(f"machine type '{event.machine}' of the source does not match "
+                                     f"'{self.vm.machine}'")
+            check_capabilities(self.params, event.capabilities)
+        elif isinstance(event, RamMemSize):
+            for block in event.blocks:
+                dev = self._by_block.get(block.id)
+                if dev is None or dev.size != block.length:
+                    raise MigrationError(f"RAM block '{block.id}' of {block.length} bytes has no match here")
+                dev.prepare_incoming_copy()
+                self.stats.ram_total += block.length
+        elif isinstance(event, RamPageRun):
+            self._by_block[event.block_id].write_pages(event.offsets, event.data)
+            if event.data is None:
+                self.stats.duplicate_pages += len(event)
+            else:
+                self.stats.normal_pages += len(event)
+        elif isinstance(event, RamPage):
+            self._by_block[event.block_id].write_page(event.offset, event.data, event.fill)
+            if event.data is None:
+                self.stats.duplicate_pages += 1
+            else:
+                self.stats.normal_pages += 1
+        elif isinstance(event, SectionFull):
+            if event.name in self._states:
+                raise MigrationError(f"section '{event.name}' arrived twice")
+            self._states[event.name] = (event.state, event.fds)
+            self._received.extend(event.fds)
+        elif isinstance(event, CommandRecord):
+            if event.command == Command.OPEN_RETURN_PATH:
+                self.return_path = True
+            elif event.command == Command.PING:
+                self._load_devices()
+                self.hook("dest-loaded")
+                self._reply(ReturnPathMessage.PONG, event.data)
+        elif isinstance(event, EndOfState):
+            self._load_devices()
+            self.hook("dest-eof")
+            self._resume()
+
+    def _reply(self, kind: int, payload: bytes = b"") -> None:
+        if self.return_path and self.file is not None:
+            write_rp(self.file, kind, payload)
+
+    def _load_devices(self) -> None:
+        """Adopt or re-create every backend, without running anything."""
+        if self._loaded:
+            return
+        missing = [name for name in self._by_section if name not in self._states]
+        if missing or MIGRATION_SECTION not in self._states:
+            raise MigrationError(f"device state missing for {', '.join(missing) or MIGRATION_SECTION}")
+        for dev in self.vm.devices:
+            state, fds = self._states[dev.section_name]
+            dev.load_state(state, fds)  # validates first; on success the device owns fds
+            self._received = [fd for fd in self._received if fd not in fds]
+        self.stats.stop_ns = self._states[MIGRATION_SECTION][0]["stop_ns"]
+        self._loaded = True
+
+    def _resume(self) -> None:
+        self.stats.committed = True
+        if self._states[MIGRATION_SECTION][0]["running"]:
+            self.stats.resume_ns = self.vm.vm_start()
+        else:
+            self.stats.resume_ns = self.vm.vm_start(paused=True)
+        self._reply(RP_RESUMED, struct.pack(">Q", self.stats.resume_ns))
+        try:
+            self._reply(ReturnPathMessage.SHUT, struct.pack(">I", 0))
+        except MigrationError:
+            # The source closes the channel as soon as it has RP_RESUMED; a
+            # destination that runs the guest has not failed because of that.
+            pass
+
+    def _fail(self, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+        log.warning("incoming migration failed: %s", message)
+        if not self.stats.committed:
+            # Nothing runs here: close every backend loaded and every fd received.
+            for dev in self.vm.devices:
+                dev.close()
+            for fd in self._received:
+                close_fd(fd)
+            self._received = []
+            try:
+                self._reply(ReturnPathMessage.SHUT, struct.pack(">I", 1))
+            except MigrationError:
+                pass
+        self.stats.error = message
+        self.set_status(MigrationStatus.FAILED)
+

@@ -1,0 +1,314 @@
+"""The source of a migration (``migrate``): setup, precopy of dirty RAM, the final stage, the commit point.
+
+Before the commit point every failure or cancel rolls back: the source
+re-attaches what it let go of and resumes the guest. After it the source
+releases its backends and never resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+
+from migfd.channel import QEMUFile
+from migfd.devices.base import Device
+from migfd.devices.memfd import PAGE, MemoryBackendMemfd
+from migfd.errors import ChannelError, MigrationError
+from migfd.fds import close_fd
+from migfd.migration.base import (
+    MIGRATION_SECTION,
+    MIGRATION_VMSD,
+    RP_RESUMED,
+    MigrationBase,
+    MigrationHost,
+    MigrationStatus,
+    read_rp,
+)
+from migfd.params import MigrationParameters
+from migfd.stream import PageBatch, RamBlock, ReturnPathMessage, StreamWriter
+from migfd.transport import Address, FileAddress, connect_outgoing
+
+__all__ = ["BATCH_PAGES", "OutgoingMigration", "reattach_with_retry"]
+
+log = logging.getLogger("migfd.migration")
+
+#: pages per batch the source encodes at once (16 MiB): bounds the copy it makes
+BATCH_PAGES = 4096
+
+
+class OutgoingMigration(MigrationBase):
+    """``migrate``: runs in its own thread; see the module docstring."""
+
+    def __init__(self, vm: MigrationHost, address: Address, params: MigrationParameters,
+                 on_status: Callable[[MigrationStatus], None]):
+        super().__init__(vm, params, on_status)
+        self.address = address
+        self.file: QEMUFile | None = None
+        self.cancel_requested = threading.Event()
+        self.was_running = False
+        self.stopped_here = False
+        self.detached: list[Device] = []
+        self.handover = {id(d): d.handover(params.backend_transfer) for d in vm.devices}
+        self.stats.start_ns = time.monotonic_ns()
+        self._commit_lock = threading.Lock()
+        #: fds this migration owns (an ``fd:`` channel taken with getfd), closed when it ends
+        self.owned_fds: list[int] = []
+
+    def start(self) -> None:
+        self.set_status(MigrationStatus.SETUP)
+        self.thread = threading.Thread(target=self._run, name="migration-outgoing", daemon=True)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        """migrate_cancel: honoured until the commit point, ignored after it."""
+        # The lock makes "cancel" and "commit" exclusive: a cancel that lands
+        # between the PONG and the commit wins, and the commit does not happen.
+        with self._commit_lock:
+            if self.stats.committed or self.finished.is_set():
+                return
+            self.cancel_requested.set()
+        self.set_status(MigrationStatus.CANCELLING)
+        if self.file is not None:
+            self.file.shutdown()
+
+    def _check_cancel(self) -> None:
+        if self.cancel_requested.is_set():
+            raise MigrationError("migration cancelled")
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+            self._precopy()
+            self._complete()
+        except Exception as exc:  # every failure ends in _rollback, whatever it was
+            self._rollback(exc)
+        finally:
+            if self.file is not None:
+                self.file.close()
+            for fd in self.owned_fds:
+                close_fd(fd)
+            self.owned_fds = []
+            self.finished.set()
+
+    # -- setup ------------------------------------------------------------
+
+    def copied_ram(self) -> list[MemoryBackendMemfd]:
+        return [d for d in self.ram_devices() if not self.handover[id(d)]]
+
+    def _setup(self) -> None:
+        self.file = connect_outgoing(self.address, self.params, timeout_s=self.timeout_s)
+        self.file.settimeout(self.timeout_s)
+        self.hook("setup")
+        self._check_cancel()
+        self.writer = StreamWriter(self.file)
+        w = self.writer
+        w.write_header()
+        w.write_configuration(self.vm.machine, self.params.capabilities())
+        self.return_path = not isinstance(self.address, FileAddress)
+        if self.return_path:
+            w.write_open_return_path()
+        ram = self.copied_ram()
+        for dev in ram:
+            dev.mark_all_dirty()
+        w.write_ram_start([RamBlock(d.block_id, d.size) for d in ram])
+        self.file.flush()
+        self.stats.ram_total = sum(d.size for d in ram)
+        self.stats.ram_remaining = self.stats.ram_total
+        self.stats.setup_done_ns = time.monotonic_ns()
+        self.set_status(MigrationStatus.ACTIVE)
+
+    # -- precopy ----------------------------------------------------------
+
+    def _pages(self, devices: list[MemoryBackendMemfd], paced: bool) -> Iterable[PageBatch]:
+        """Dirty pages in batches (numpy), paced by max-bandwidth on the bytes that travel.
+
+        A zero page costs a 9-byte record, a normal one 8 + 4096 bytes, as in
+        QEMU's rate limit.
+        """
+        start = time.monotonic()
+        sent = 0
+        limit = self.params.max_bandwidth
+        for dev in devices:
+            dirty = dev.sync_dirty_bitmap()
+            ram = dev.pages_array()
+            for first in range(0, len(dirty), BATCH_PAGES):
+                index = dirty[first:first + BATCH_PAGES]
+                rows = ram[index]
+                nonzero = rows.any(axis=1)
+                normal = int(nonzero.sum())
+                self.stats.normal_pages += normal
+                self.stats.duplicate_pages += len(index) - normal
+                sent += normal * (8 + PAGE) + (len(index) - normal) * 9
+                yield PageBatch(dev.block_id, index.astype(np.uint64) * PAGE, rows, nonzero)
+                if paced:
+                    self._check_cancel()
+                    ahead = sent / limit - (time.monotonic() - start) if limit else 0
+                    if ahead > 0:
+                        # A batch goes out at once and the pause comes after it; a
+                        # migrate_cancel must not wait for the pause to end.
+                        self.cancel_requested.wait(ahead)
+                        self._check_cancel()
+
+    def _precopy(self) -> None:
+        ram = self.copied_ram()
+        if not ram:
+            return
+        if self.params.x_max_iterations == 0 or not self.vm.running:
+            return  # non-live: everything goes in the final stage
+        while True:
+            self.stats.iterations += 1
+            self.hook(f"precopy-{self.stats.iterations}")
+            t0 = time.monotonic()
+            written = self.writer.write_ram_part(self._pages(ram, paced=True))
+            self.file.flush()  # type: ignore[union-attr]
+            elapsed = max(time.monotonic() - t0, 1e-6)
+            self.stats.ram_transferred += written
+            remaining = sum(d.dirty_pages() for d in ram) * PAGE
+            self.stats.ram_remaining = remaining
+            bandwidth = written / elapsed
+            self.stats.expected_downtime_ms = int(remaining / bandwidth * 1000)
+            self._check_cancel()
+            if (remaining == 0 or self.stats.expected_downtime_ms <= self.params.downtime_limit
+                    or self.stats.iterations >= self.params.x_max_iterations):
+                return
+
+    # -- the final stage and the commit point ---------------------------------
+
+    def _complete(self) -> None:
+        w = self.writer
+        f = self.file
+        assert f is not None
+        self.was_running = self.vm.running
+        if self.was_running:
+            self.stats.stop_ns = self.vm.vm_stop("finish-migrate")
+            self.stopped_here = True
+        else:
+            self.stats.stop_ns = self.vm.stopped_at_ns
+        self.set_status(MigrationStatus.DEVICE)
+        self.hook("device")
+        w.write_switchover_start()
+        if self.stats.ram_total:
+            written = w.write_ram_part(self._pages(self.copied_ram(), paced=False), end=True)
+            self.stats.ram_transferred += written
+            self.stats.ram_remaining = 0
+        before = f.bytes_written
+        for dev in self.vm.devices:
+            handover = self.handover[id(dev)]
+            if not handover:
+                dev.detach()
+                self.detached.append(dev)
+            self.hook(f"device-{dev.id}")
+            w.write_section_full(dev.section_name, 0, dev.vmsd, dev.save_state(handover))
+        # Like QEMU's globalstate: a guest paused before the migration stays paused.
+        w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD,
+                             {"stop_ns": self.stats.stop_ns, "running": self.was_running})
+        self.stats.device_state_bytes = f.bytes_written - before
+        if self.return_path:
+            cookie = self.stats.start_ns & 0xFFFFFFFF
+            self.hook("before-ack")  # all state sent; the PING asks for the acknowledgement
+            w.write_ping(cookie)
+            f.flush()
+            self._wait_pong(cookie)
+        self._commit()
+        self.hook("after-ack")
+        w.write_eof()
+        w.write_vmdesc()
+        f.flush()
+        self._account(f)
+        if self.return_path:
+            self._wait_resumed()
+        # Only now let go of the backends: closing them (unmapping GiBs of RAM)
+        # takes a core for milliseconds, which must not be the destination's
+        # downtime. If the destination never reports, _rollback releases them.
+        for dev in self.vm.devices:
+            dev.release()
+        self.set_status(MigrationStatus.COMPLETED)
+
+    def _wait_pong(self, cookie: int) -> None:
+        f = self.file
+        assert f is not None
+        while True:
+            kind, payload = read_rp(f)
+            if kind == ReturnPathMessage.PONG and payload == struct.pack(">I", cookie):
+                return
+            if kind == ReturnPathMessage.SHUT:
+                raise MigrationError("the destination failed to load the migration stream")
+            raise MigrationError(f"unexpected return-path message {kind} before the acknowledgement")
+
+    def _commit(self) -> None:
+        """From here on the destination owns the backends."""
+        with self._commit_lock:
+            self._check_cancel()
+            self.stats.committed = True
+        self.vm.set_runstate("postmigrate")
+
+    def _wait_resumed(self) -> None:
+        f = self.file
+        assert f is not None
+        try:
+            # RESUMED, then SHUT(0) as QEMU's destination ends its return path;
+            # reading both lets the destination close first.
+            while True:
+                kind, payload = read_rp(f)
+                if kind == RP_RESUMED and len(payload) == 8:
+                    self.stats.resume_ns = struct.unpack(">Q", payload)[0]
+                elif kind == ReturnPathMessage.SHUT:
+                    if payload != struct.pack(">I", 0) or not self.stats.resume_ns:
+                        raise MigrationError("the destination failed after the commit point")
+                    return
+        except ChannelError as exc:
+            raise MigrationError(f"no resume report from the destination: {exc}") from exc
+
+    def _account(self, f: QEMUFile) -> None:
+        self.stats.bytes_sent = f.bytes_sent
+        self.stats.fds_passed = f.fds_sent
+        self.stats.fd_messages = f.fd_messages
+
+    def _rollback(self, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+        if self.file is not None:
+            self._account(self.file)
+        if self.stats.committed:
+            # The destination owns the backends now; resuming here would run the guest twice.
+            log.error("migration failed after the commit point: %s", message)
+            # Nor may the source keep copies of them (an EOF that could not be
+            # sent skips the release in _complete; releasing twice is harmless).
+            for dev in self.vm.devices:
+                dev.release()
+            self.stats.error = message
+            self.set_status(MigrationStatus.FAILED)
+            return
+        log.warning("migration failed before the commit point, source resumes: %s", message)
+        if self.file is not None:
+            self.file.close()
+        problems = []
+        for dev in self.detached:
+            try:
+                reattach_with_retry(dev)
+            except MigrationError as err:
+                problems.append(str(err))
+        if self.stopped_here:
+            self.vm.vm_start()
+        for dev in self.copied_ram():
+            dev.mark_all_dirty()
+        self.stats.error = "; ".join([message] + problems)
+        cancelled = self.cancel_requested.is_set()
+        self.set_status(MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED)
+
+
+def reattach_with_retry(dev: Device, attempts: int = 50) -> None:
+    """A destination that is still closing may hold a TAP for a moment (EBUSY)."""
+    for attempt in range(attempts):
+        try:
+            dev.reattach()
+            return
+        except MigrationError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
+

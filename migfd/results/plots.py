@@ -1,0 +1,424 @@
+"""The figures of the notebooks and the report, drawn with matplotlib from one run's rows.
+
+Each function takes the run's table (and metadata, to say why something is
+missing) and returns a Figure; medians with p5–p95 bands or every trial as a
+dot, with the floors measured in the same run drawn beside them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+from migfd.results.describe import why_absent
+from migfd.results.load import select
+from migfd.results.summary import (
+    MODE_LABELS,
+    floor_median,
+    fmt_bytes,
+    fmt_ns,
+    fmt_rate,
+    is_live,
+    live_label,
+    mode_label,
+    qemu_downtime,
+    qemu_has_events,
+    slope_per_fd,
+    summarize,
+    throughput,
+)
+from migfd.units import GiB
+
+#: One colour per mode in every figure (their names: summary.MODE_LABELS); floors are black.
+MODE_COLORS = {
+    "fd-passing": "#1f77b4",
+    "state-copy": "#d62728",
+    "qemu-ram-copied": "#7f7f7f",
+    "qemu-ram-shared": "#8c564b",
+}
+OTHER_MODE_COLOR = "#17becf"
+FLOOR_COLOR = "black"
+
+
+def mode_color(mode: str) -> str:
+    return MODE_COLORS.get(mode, OTHER_MODE_COLOR)
+
+
+def _mode_order(mode: str) -> int:
+    """Modes in the order of MODE_LABELS, unknown ones last."""
+    return list(MODE_LABELS).index(mode) if mode in MODE_LABELS else 99
+
+
+def _figure(ncols: int = 1, width: float = 6.5, height: float = 4.6) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * ncols, height), layout="constrained", dpi=100)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _no_data(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, transform=ax.transAxes,
+            fontsize=10, color="#444444")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _resolution_note(values: pd.Series) -> str:
+    """' [whole ms]' when every value is a multiple of 1 ms: QEMU's query-migrate reports ms."""
+    v = values.astype("float64").dropna()
+    if len(v) and (v % 1e6 == 0).all():
+        return " [whole ms as QEMU reports]"
+    return ""
+
+
+def _series_label(base: str, pts: pd.DataFrame) -> str:
+    n = pts["n"]
+    n_text = f"n={n.min()}" if n.min() == n.max() else f"n={n.min()}–{n.max()}"
+    label = f"{base} ({n_text}/point"
+    failed = int(pts["n_failed"].sum())
+    if failed:
+        label += f", {failed} failed trial{'s' if failed > 1 else ''} not shown"
+    return label + ")"
+
+
+def _draw_series(ax, pts: pd.DataFrame, x: str, label: str, color: str, *, dashed: bool = False,
+                 marker: str = "o", scale: float = 1e6, linestyle: str | None = None,
+                 alpha: float = 1.0) -> None:
+    """Medians joined by a line, the p5–p95 band shaded; points with no successful trial left out."""
+    pts = pts[pts["n"] > 0].sort_values(x)
+    if pts.empty:
+        return
+    xs = pts[x].astype(float).to_numpy()
+    ax.plot(xs, pts["median"] / scale, linestyle=linestyle or ("--" if dashed else "-"), marker=marker,
+            color=color, alpha=alpha, markerfacecolor="white" if dashed else color,
+            label=_series_label(label, pts))
+    ax.fill_between(xs, pts["p5"] / scale, pts["p95"] / scale, color=color, alpha=0.15, linewidth=0)
+
+
+def _binary_ticks(ax, values: Iterable[float], fmt) -> None:
+    vals = sorted({float(v) for v in values if not pd.isna(v)})
+    if not vals:
+        return
+    ax.xaxis.set_major_locator(FixedLocator(vals))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _fig_legend(fig: Figure, ax, ncols: int = 2, *more_axes) -> None:
+    """One legend for the whole figure, below the axes, so it never hides a point."""
+    handles, labels = ax.get_legend_handles_labels()
+    for other in more_axes:
+        for h, l in zip(*other.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=8, frameon=False)
+
+
+def _floor_note(df: pd.DataFrame, metadata: dict | None, variant: str) -> str:
+    return f"floor not drawn: {why_absent(df, metadata, 'limits', variant + ' measurement')}"
+
+
+def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """Downtime and total time against guest RAM size, per mode, live and non-live; log–log.
+
+    Medians with p5–p95 bands; real QEMU (qemu-peer) beside migfd when it ran.
+    Floors, from the same run's limits: all RAM through AF_UNIX at the measured
+    raw throughput (what a state copy cannot beat), and the raw handover of
+    the same fds and device state (what fd-passing cannot beat).
+    """
+    fig, (ax_down, ax_total) = _figure(2, height=5.6)
+    rows = df[df["scenario"].isin(["ram-size", "qemu-peer"])]
+    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
+        why = why_absent(df, metadata, "ram-size", "successful trials")
+        for ax in (ax_down, ax_total):
+            _no_data(ax, why)
+        fig.suptitle("Downtime vs guest RAM size: no data")
+        return fig
+    sizes = rows["ram_bytes"].dropna().unique()
+    qemu = rows["scenario"] == "qemu-peer"
+    rows = rows.assign(_downtime=rows["downtime_ns"].astype("float64"))
+    rows.loc[qemu, "_downtime"] = qemu_downtime(rows[qemu])
+    events = qemu_has_events(rows[qemu])
+    for ax, metric, what in ((ax_down, "_downtime", "downtime"), (ax_total, "total_ns", "total time")):
+        pts_all = summarize(rows, metric)
+        for (scenario, mode, live), pts in pts_all.groupby(["scenario", "mode", "live"], dropna=False):
+            live_text = live_label(live)
+            label = mode_label(mode) + (f", {live_text}" if live_text else "")
+            if scenario == "qemu-peer":
+                if metric == "_downtime" and events:
+                    label += " [STOP→RESUME events]"
+                else:
+                    label += _resolution_note(rows[rows["mode"] == mode][metric])
+            _draw_series(ax, pts, "ram_bytes", label, mode_color(mode), dashed=is_live(live) is False,
+                         marker="D" if scenario == "qemu-peer" else ("s" if is_live(live) is False else "o"))
+        # floor 1: all of RAM through the raw socket
+        rate = floor_median(df, "unix-throughput")
+        xs = np.array(sorted(float(s) for s in sizes))
+        if not math.isnan(rate) and len(xs):
+            ax.plot(xs, xs / rate * 1e3, color=FLOOR_COLOR, linestyle=":", linewidth=1.5,
+                    label=f"floor: all RAM through AF_UNIX at {fmt_rate(rate)} (limits)")
+        # floor 2: the raw handover of the fds and device state
+        hand = select(df, "limits", variant="handover-floor")["total_ns"].astype("float64").dropna()
+        if len(hand):
+            ax.axhline(np.median(hand) / 1e6, color=FLOOR_COLOR, linestyle="-.", linewidth=1.2,
+                       label=f"floor: raw handover of fds + device state, {fmt_ns(np.median(hand))} (limits)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        _binary_ticks(ax, sizes, fmt_bytes)
+        ax.set_xlabel("guest RAM size")
+        ax.set_ylabel(f"{what} (ms, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        if math.isnan(rate) or not len(hand):
+            ax.text(0.01, 0.01, _floor_note(df, metadata, "unix-throughput/handover-floor"),
+                    transform=ax.transAxes, fontsize=7, color="#444444")
+    ax_down.set_title("Downtime (guest stopped → running on the destination)")
+    ax_total.set_title("Total time (migrate issued → completed)")
+    _fig_legend(fig, ax_down)
+    fig.suptitle("fd-passing vs state copy against guest RAM size — lines: medians, bands: p5–p95 of trials; "
+                 "dashed/hollow: non-live (guest stopped first)", fontsize=10)
+    return fig
+
+
+def plot_downtime_vs_fds(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """Downtime against the number of handed-over fds, batched vs unbatched sendmsg; log–log.
+
+    The floor is the raw round trip of passing the same number of fds between
+    two processes, batched (limits: fd-roundtrip); each legend entry gives the
+    fitted cost of one more fd.
+    """
+    fig, (ax,) = _figure(1, width=8, height=5)
+    rows = select(df, "fd-count", ok=None)
+    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
+        _no_data(ax, why_absent(df, metadata, "fd-count", "successful trials"))
+        fig.suptitle("Downtime vs handed-over fds: no data")
+        return fig
+    styles = {"batched": ("o", False), "unbatched": ("s", True)}
+    shades = {"batched": 1.0, "unbatched": 0.6}
+    for (mode, variant), g in rows.groupby(["mode", "variant"], dropna=False):
+        pts = summarize(g)
+        marker, dashed = styles.get(variant, ("^", False))
+        color = mode_color(mode)
+        slope = slope_per_fd(pts[pts["n"] > 0])
+        label = mode_label(mode) + (f", {variant}" if variant else "")
+        if not math.isnan(slope):
+            label += f": {fmt_ns(slope)}/fd"
+        _draw_series(ax, pts, "n_fds", label, color, dashed=dashed, marker=marker,
+                     alpha=shades.get(variant, 1.0))
+    floor = summarize(select(df, "limits", variant="fd-roundtrip", ok=None), metric="total_ns")
+    floor = floor[floor["n"] > 0]
+    if not floor.empty:
+        slope = slope_per_fd(floor)
+        _draw_series(ax, floor, "n_fds", f"floor: raw fd round trip, batched: {fmt_ns(slope)}/fd (limits)",
+                     FLOOR_COLOR, marker=".", linestyle=":")
+    else:
+        ax.text(0.01, 0.01, _floor_note(df, metadata, "fd-roundtrip"), transform=ax.transAxes,
+                fontsize=7, color="#444444")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    _binary_ticks(ax, pd.concat([rows["n_fds"], floor["n_fds"]]).dropna(), lambda v: f"{v:.0f}")
+    ax.set_xlabel("fds of the VM's backends, handed over with fd-passing (count, log scale)")
+    ax.set_ylabel("downtime (ms, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    _fig_legend(fig, ax, ncols=1)
+    ax.set_title("Downtime vs number of handed-over fds: batched vs one fd per sendmsg\n"
+                 "lines: medians, bands: p5–p95; per-fd cost = least-squares slope of the medians", fontsize=10)
+    return fig
+
+
+def _strip(ax, groups: list[tuple[str, np.ndarray, str]], *, scale: float = 1.0, log: bool = False,
+           jitter: float = 0.12) -> None:
+    """One column of dots per group (every trial shown), with the median as a bar across it."""
+    rng = np.random.default_rng(0)  # fixed jitter: the same figure every time
+    for i, (label, values, color) in enumerate(groups):
+        vals = np.asarray(values, dtype=float) / scale
+        if log:
+            vals = vals[vals > 0]
+        xs = i + rng.uniform(-jitter, jitter, len(vals))
+        ax.scatter(xs, vals, color=color, alpha=0.7, s=22, zorder=3)
+        if len(vals):
+            ax.hlines(np.median(vals), i - 0.3, i + 0.3, color=color, linewidth=2.5, zorder=4)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([g[0] for g in groups], fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+
+
+def _mode_groups(rows: pd.DataFrame, column: str) -> list[tuple[str, np.ndarray, str]]:
+    out = []
+    for mode in sorted(set(rows["mode"]), key=_mode_order):
+        r = rows[rows["mode"] == mode]
+        good = r[r["ok"].fillna(False).astype(bool)]
+        failed = len(r) - len(good)
+        label = f"{mode_label(mode)}\n(n={len(good)}"
+        label += f", {failed} failed not shown)" if failed else ")"
+        out.append((label, good[column].astype("float64").dropna().to_numpy(),
+                    mode_color(mode)))
+    return out
+
+
+def _handover_floor_line(ax, df: pd.DataFrame, metadata: dict | None, scale: float) -> None:
+    hand = select(df, "limits", variant="handover-floor")["total_ns"].astype("float64").dropna()
+    if len(hand):
+        ax.axhline(np.median(hand) / scale, color=FLOOR_COLOR, linestyle="-.", linewidth=1.2,
+                   label=f"floor: raw handover of fds + device state, {fmt_ns(np.median(hand))} (limits)")
+    else:
+        ax.text(0.01, 0.01, _floor_note(df, metadata, "handover-floor"), transform=ax.transAxes,
+                fontsize=7, color="#444444")
+
+
+def _paired_counts(ax, first, second, first_word: str, second_word: str, key: tuple[str, str]) -> None:
+    """Two per-trial counts per mode side by side: ``first`` filled, ``second`` hollow,
+    each with its median bar and the totals written above the mode."""
+    rng = np.random.default_rng(0)  # fixed jitter: the same data draws the same figure
+    for i, ((_, av, color), (_, bv, _)) in enumerate(zip(first, second)):
+        for off, vals, face in ((-0.15, av, color), (0.15, bv, "white")):
+            xs = i + off + rng.uniform(-0.06, 0.06, len(vals))
+            ax.scatter(xs, vals, color=color, facecolor=face, s=24, zorder=3)
+            if len(vals):
+                ax.hlines(np.median(vals), i + off - 0.1, i + off + 0.1, color=color, linewidth=2.5)
+        ax.annotate(f"total: {int(np.sum(av))} {first_word}, {int(np.sum(bv))} {second_word}", (i, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
+                    ha="center", fontsize=8, color=color)
+    _marker_key(ax, *key)
+    ax.set_xticks(range(len(first)))
+    ax.set_xticklabels([g[0] for g in first], fontsize=8)
+    ax.set_xlim(-0.6, len(first) - 0.4)
+    top = max([1.0] + [float(np.max(v)) for _, v, _ in first + second if len(v)])
+    ax.set_ylim(-0.05 * top, top * 1.3)
+
+
+def _marker_key(ax, filled: str, hollow: str) -> None:
+    """Legend entries for the two marker kinds, in grey: the colour is the mode's, on the axis."""
+    ax.scatter([], [], color="#555555", s=24, label=filled)
+    ax.scatter([], [], color="#555555", facecolor="white", s=24, label=hollow)
+
+
+def plot_packet_loss(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """TAP traffic through a migration: frames lost/duplicated and the longest gap, per mode.
+
+    Every trial is a dot, the bar is the median. Counts are on a linear axis
+    from 0 (the target is 0); the gap is on a log axis beside the raw
+    handover floor (limits).
+    """
+    fig, (ax_lost, ax_gap) = _figure(2, width=6, height=4.6)
+    rows = select(df, "tap-traffic", ok=None)
+    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
+        why = why_absent(df, metadata, "tap-traffic", "successful trials")
+        for ax in (ax_lost, ax_gap):
+            _no_data(ax, why)
+        fig.suptitle("Frames under TAP traffic: no data")
+        return fig
+    good = rows[rows["ok"].fillna(False).astype(bool)]
+    _paired_counts(ax_lost, _mode_groups(rows, "frames_lost"), _mode_groups(rows, "frames_duplicated"),
+                   "lost", "duplicated", ("frames lost", "frames duplicated"))
+    ax_lost.axhline(0, color=FLOOR_COLOR, linestyle="-.", linewidth=1.2, label="target: 0 lost, 0 duplicated")
+    ax_lost.set_ylabel("frames per trial (count, linear)")
+    sent = good["frames_sent"].astype("float64").dropna()
+    ax_lost.set_title(f"Frames lost (filled) and duplicated (hollow)\n"
+                      f"of ~{np.median(sent):,.0f} frames sent per trial (median)" if len(sent) else
+                      "Frames lost (filled) and duplicated (hollow)", fontsize=10)
+    ax_lost.grid(True, axis="y", alpha=0.3)
+
+    gaps = _mode_groups(rows, "max_gap_ns")
+    _strip(ax_gap, gaps, scale=1e6, log=True)
+    _handover_floor_line(ax_gap, df, metadata, 1e6)
+    ax_gap.set_yscale("log")
+    ax_gap.set_ylabel("longest gap between echoes (ms, log scale)")
+    ax_gap.set_title("Longest silence the frame sender saw", fontsize=10)
+    ax_gap.grid(True, axis="y", which="both", alpha=0.3)
+    _fig_legend(fig, ax_lost, 3, ax_gap)
+    fig.suptitle("Numbered frames through the TAP during the migration (tap-traffic): "
+                 "dots are trials, bars medians", fontsize=10)
+    return fig
+
+
+def plot_chardev(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """What a chardev client sees through the migration, per mode: its longest silence, lines lost, reconnects."""
+    fig, (ax_gap, ax_lines) = _figure(2, width=6, height=4.6)
+    rows = select(df, "chardev", ok=None)
+    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
+        why = why_absent(df, metadata, "chardev", "successful trials")
+        for ax in (ax_gap, ax_lines):
+            _no_data(ax, why)
+        fig.suptitle("Chardev client: no data")
+        return fig
+    _strip(ax_gap, _mode_groups(rows, "max_gap_ns"), scale=1e6, log=True)
+    _handover_floor_line(ax_gap, df, metadata, 1e6)
+    ax_gap.set_yscale("log")
+    ax_gap.set_ylabel("longest silence between echoes (ms, log scale)")
+    ax_gap.set_title("Interruption seen by the client", fontsize=10)
+    ax_gap.grid(True, axis="y", which="both", alpha=0.3)
+
+    _paired_counts(ax_lines, _mode_groups(rows, "lines_lost"), _mode_groups(rows, "reconnects"),
+                   "lines lost", "reconnects", ("lines lost", "reconnects"))
+    ax_lines.axhline(0, color=FLOOR_COLOR, linestyle="-.", linewidth=1.2, label="floor: nothing lost, no reconnect")
+    ax_lines.set_ylabel("per trial (count, linear)")
+    sent = rows.loc[rows["ok"].fillna(False).astype(bool), "lines_sent"].astype("float64").dropna()
+    ax_lines.set_title("Lines lost (filled) and reconnects (hollow)" +
+                       (f"\nof ~{np.median(sent):,.0f} lines sent per trial (median)" if len(sent) else ""),
+                       fontsize=10)
+    ax_lines.grid(True, axis="y", alpha=0.3)
+    _fig_legend(fig, ax_gap, 3, ax_lines)
+    fig.suptitle("A client on the socket chardev, sending numbered lines through the migration (chardev): "
+                 "dots are trials, bars medians", fontsize=10)
+    return fig
+
+
+def plot_throughput(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """State-copy throughput through the migration channel against the raw AF_UNIX floor.
+
+    Throughput per trial is bytes_sent / (total time - setup time). The floors
+    come from limits in the same run: raw AF_UNIX throughput into fresh memory
+    (median, p5–p95 band), memcpy, and the 0.8× line of the target.
+    """
+    fig, (ax,) = _figure(1, width=8, height=4.8)
+    rows = select(df, "ram-size", "state-copy", ok=None)
+    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
+        _no_data(ax, why_absent(df, metadata, "ram-size", "successful state-copy trials"))
+        fig.suptitle("State-copy throughput: no data")
+        return fig
+    rows = rows.assign(throughput_bps=throughput(rows))
+    pts = summarize(rows, "throughput_bps")
+    sizes = rows["ram_bytes"].dropna().unique()
+    for live, g in pts.groupby("live", dropna=False):
+        g = g[g["n"] > 0].sort_values("ram_bytes")
+        if g.empty:
+            continue
+        xs = g["ram_bytes"].astype(float).to_numpy()
+        med = g["median"].to_numpy() / GiB
+        yerr = np.vstack([med - g["p5"].to_numpy() / GiB, g["p95"].to_numpy() / GiB - med])
+        label = _series_label(f"state copy, {live_label(live) or 'live unknown'}", g)
+        ax.errorbar(xs, med, yerr=yerr, marker="s" if is_live(live) is False else "o", capsize=4,
+                    linestyle="--" if is_live(live) is False else "-", color=mode_color("state-copy"),
+                    markerfacecolor="white" if is_live(live) is False else mode_color("state-copy"), label=label)
+    unix = select(df, "limits", variant="unix-throughput")["value"].astype("float64").dropna()
+    if len(unix):
+        med = np.median(unix) / GiB
+        ax.axhline(med, color=FLOOR_COLOR, linestyle="-.", linewidth=1.4,
+                   label=f"floor: raw AF_UNIX into fresh memory, {med:.3g} GiB/s (limits, n={len(unix)})")
+        ax.axhspan(np.percentile(unix, 5) / GiB, np.percentile(unix, 95) / GiB, color=FLOOR_COLOR, alpha=0.08)
+        ax.axhline(0.8 * med, color=FLOOR_COLOR, linestyle=":", linewidth=1,
+                   label=f"target: 0.8 × raw AF_UNIX = {0.8 * med:.3g} GiB/s")
+    else:
+        ax.text(0.01, 0.01, _floor_note(df, metadata, "unix-throughput"), transform=ax.transAxes,
+                fontsize=7, color="#444444")
+    mem = select(df, "limits", variant="memcpy")["value"].astype("float64").dropna()
+    mem_text = (f"\nfor scale: memcpy in one process {np.median(mem) / GiB:.3g} GiB/s (limits; not drawn, "
+                f"no socket involved)" if len(mem) else "")
+    ax.set_xscale("log", base=2)
+    _binary_ticks(ax, sizes, fmt_bytes)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("guest RAM size")
+    ax.set_ylabel("throughput (GiB/s, linear from 0)")
+    ax.grid(True, alpha=0.3)
+    _fig_legend(fig, ax, ncols=1)
+    ax.set_title("State-copy bulk throughput vs the raw AF_UNIX floor (ram-size, limits)\n"
+                 "bytes through the channel / (total − setup time); medians with p5–p95 bars"
+                 + mem_text, fontsize=9)
+    return fig

@@ -1,0 +1,283 @@
+"""``migfd inspect`` on real streams: written by QEMU 7.2 itself, and by ``file:``
+migrations of real ``migfd vm`` processes.
+
+The QEMU streams are described in tests/data/qemu/README.md; the offsets below
+come from an independent walk of those files (/work/notes/vmdesc/*.walk.txt),
+not from migfd. Every section that inspect lists is also checked against the
+bytes of the file: its type byte at its offset, its footer at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import VMGroup
+
+from migfd.stream import StreamReader
+from migfd.stream.annotate import walk
+from migfd.stream.vmdesc import find_vmdesc, lookup_from_vmdesc
+
+pytestmark = pytest.mark.timeout(120)
+
+DATA = Path(__file__).parents[1] / "data" / "qemu"
+TYPE_BYTE = {"START": 0x01, "PART": 0x02, "END": 0x03, "FULL": 0x04}
+PC_BLOCKS = [("pc.ram", 16 << 20), ("/rom@etc/acpi/tables", 128 << 10), ("pc.bios", 256 << 10),
+             ("pc.rom", 128 << 10), ("/rom@etc/table-loader", 4096), ("/rom@etc/acpi/rsdp", 4096)]
+
+#: file -> what QEMU wrote (README.md, and the independent walk of each file)
+QEMU_STREAMS = {
+    "pc-16m.bin": dict(
+        machine="pc-i440fx-7.2", capabilities=[], blocks=PC_BLOCKS, zero=4096 + 81, normal=49,
+        full=30, start=0x1A, part=0xC4, end=0x3A58B, first_full=("timer", 0x3A59D),
+        last_full=("globalstate", 0x3D750), eof=0x3D7D6, vmdesc_len=98649),
+    "pc-16m-ran1s.bin": dict(
+        machine="pc-i440fx-7.2", capabilities=[], blocks=PC_BLOCKS, zero=4035 + 80, normal=61 + 50,
+        full=30, start=0x1A, part=0xC4, end=0x7854D, first_full=("timer", 0x7855F),
+        last_full=("globalstate", 0x7B731), eof=0x7B7B7, vmdesc_len=98771),
+    "q35-16m.bin": dict(
+        machine="pc-q35-7.2", capabilities=[], blocks=PC_BLOCKS, zero=4096 + 79, normal=51,
+        full=29, start=0x17, part=0xC1, end=0x3C586, first_full=("timer", 0x3C598),
+        last_full=("globalstate", 0x443F2), eof=0x44478, vmdesc_len=43520),
+    "pc-16m-shared-ignore.bin": dict(
+        machine="pc-i440fx-7.2", capabilities=["x-ignore-shared"],
+        blocks=[("mem", 16 << 20)] + PC_BLOCKS[1:], zero=81, normal=49,
+        full=30, start=0x4E, part=0x125, end=0x315E5, first_full=("timer", 0x315F7),
+        last_full=("globalstate", 0x347AA), eof=0x34830, vmdesc_len=98649),
+}
+
+
+def inspect_cli(path: str | os.PathLike, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "migfd.cli", "inspect", *extra, str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def inspect_json(path: str | os.PathLike) -> dict:
+    out = inspect_cli(path, "--json")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    return json.loads(out.stdout)
+
+
+def check_sections_against_bytes(data: bytes, sections: list[dict]) -> None:
+    """Each listed section starts with its type byte and id, ends with its footer, in file order."""
+    previous_end = 0
+    for sec in sections:
+        at, size = sec["offset"], sec["size"]
+        assert at >= previous_end, f"section {sec} overlaps the one before"
+        assert data[at] == TYPE_BYTE[sec["type"]], sec
+        assert struct.unpack_from(">I", data, at + 1)[0] == sec["section_id"], sec
+        assert data[at + size - 5] == 0x7E, f"no footer at the end of {sec}"
+        assert struct.unpack_from(">I", data, at + size - 4)[0] == sec["section_id"], sec
+        previous_end = at + size
+
+
+# -- QEMU 7.2 streams --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(QEMU_STREAMS))
+def test_inspect_reads_real_qemu_streams(name):
+    want = QEMU_STREAMS[name]
+    path = DATA / name
+    data = path.read_bytes()
+    summary = inspect_json(path)
+
+    assert summary["size"] == len(data)
+    assert summary["magic"] == "0x5145564d" and summary["version"] == 3
+    assert summary["configuration"]["machine"] == want["machine"]
+    assert summary["configuration"]["capabilities"] == want["capabilities"]
+    assert summary["configuration"]["offset"] == 8
+
+    blocks = [(b["id"], b["length"]) for b in summary["ram"]["blocks"]]
+    assert blocks == want["blocks"]
+    assert summary["ram"]["zero_pages"] == want["zero"]
+    assert summary["ram"]["normal_pages"] == want["normal"]
+
+    sections = summary["sections"]
+    kinds = [(s["type"], s["name"]) for s in sections]
+    assert kinds[:3] == [("START", "ram"), ("PART", "ram"), ("END", "ram")]
+    assert [s["offset"] for s in sections[:3]] == [want["start"], want["part"], want["end"]]
+    assert all(s["section_id"] == 2 and s["version_id"] == 4 for s in sections[:3])
+    full = [s for s in sections if s["type"] == "FULL"]
+    assert len(full) == want["full"] == len(sections) - 3
+    assert (full[0]["name"], full[0]["offset"]) == want["first_full"]
+    assert (full[-1]["name"], full[-1]["offset"]) == want["last_full"]
+    # Two instances of one device are two sections (dma, i8259).
+    assert sum(1 for s in full if s["name"] == "dma") == 2
+    assert sorted(s["instance_id"] for s in full if s["name"] == "i8259") == [0, 1]
+    assert next(s for s in full if s["name"] == "cpu")["version_id"] == 12
+    check_sections_against_bytes(data, sections)
+    # After the last section: EOF, then the vmdesc to the end of the file.
+    eof = full[-1]["offset"] + full[-1]["size"]
+    assert eof == want["eof"] and data[eof] == 0x00 and data[eof + 1] == 0x06
+    assert struct.unpack_from(">I", data, eof + 2)[0] == want["vmdesc_len"] == len(data) - eof - 6
+
+    vmdesc = summary["vmdesc"]
+    assert vmdesc == json.loads(data[eof + 6:])
+    assert vmdesc["page_size"] == 4096
+    names = [(d["name"], d["instance_id"]) for d in vmdesc["devices"]]
+    assert names == [(s["name"], s["instance_id"]) for s in full]
+    assert summary["commands"] == []  # no return path, no postcopy: no commands in 7.2
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+def test_the_walk_names_every_byte_of_a_real_qemu_stream(chunk):
+    # the one walk under both `migfd inspect` and the protocol tour, fed as a file is read
+    path = DATA / "pc-16m.bin"
+    data = path.read_bytes()
+    reader = StreamReader(lookup_from_vmdesc(find_vmdesc(path)), ram_runs=True)
+    try:
+        events = list(walk(reader, (data[i:i + chunk] for i in range(0, len(data), chunk))))
+    finally:
+        reader.close()
+    records = [r for e in events for r in e.records]
+    assert [r.offset for r in records] == [0] + [r.offset + r.size for r in records[:-1]]
+    assert records[-1].offset + records[-1].size == len(data)
+    assert all(e.records[0].offset == e.offset and sum(r.size for r in e.records) == e.size for e in events)
+    footers = [r for r in records if r.kind.endswith("footer (0x7e)")]
+    assert len(footers) == 3 + QEMU_STREAMS["pc-16m.bin"]["full"]
+    for r in footers:
+        assert data[r.offset + r.size - 5] == 0x7E
+    assert {r.section for r in records if r.kind.startswith("RAM page")} == {"ram"}
+    assert records[-1].kind == "vmdesc (0x06)"
+
+
+def test_inspect_text_form_of_a_real_qemu_stream():
+    out = inspect_cli(DATA / "pc-16m-shared-ignore.bin")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "configuration: machine pc-i440fx-7.2, capabilities: x-ignore-shared" in text
+    assert "pages: 49 normal, 81 zero" in text
+    assert "device description: 30 devices" in text
+    for name in ("globalstate", "0000:00:01.3/piix4_pm", "mem"):
+        assert name in text
+
+
+TRUNCATIONS = {
+    "in the header": 6,
+    "in the configuration": 20,
+    "in the RAM block list": 100,
+    "in a RAM page": 120_000,
+    "in the device sections": 0x3C000,
+    "in the device description": 0x3D7D7 + 5 + 50_000,
+    "one byte short": 350516,
+}
+
+
+@pytest.mark.parametrize("cut", list(TRUNCATIONS.values()), ids=list(TRUNCATIONS))
+def test_inspect_of_a_truncated_qemu_stream_is_one_line_error(workdir, cut):
+    data = (DATA / "pc-16m.bin").read_bytes()
+    path = Path(workdir) / "cut.bin"
+    path.write_bytes(data[:cut])
+    for extra in ((), ("--json",)):
+        out = inspect_cli(path, *extra)
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("migfd inspect: error: "), out.stderr
+        assert out.stdout == ""
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world, not a stream", b"QEVM\x00\x00\x00\x02"],
+                         ids=["empty", "text", "version-2"])
+def test_inspect_of_something_else_is_one_line_error(workdir, content):
+    path = Path(workdir) / "x.bin"
+    path.write_bytes(content)
+    out = inspect_cli(path)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+# -- streams written by migfd VMs ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def migfd_stream():
+    """One ``file:`` migration of a running migfd VM (RAM every page of which is stamped + a chardev)."""
+    workdir = tempfile.mkdtemp(prefix="migfd-", dir="/tmp")
+    group = VMGroup(workdir)
+    path = os.path.join(workdir, "vm.bin")
+
+    async def write():
+        try:
+            src = await group.start(
+                "src", objects=("memory-backend-memfd,id=ram0,size=16M,fill=on,backend-transfer=on",),
+                chardevs=(f"socket,id=ch0,path={workdir}/ch0.sock,server=on,backend-transfer=on",),
+                dirty_rate_bytes_s=1 << 20)
+            await src.execute("migrate", {"uri": f"file:{path}"})
+            return await src.wait_migration(60)
+        finally:
+            await group.aclose()
+
+    try:
+        info = asyncio.run(asyncio.wait_for(write(), 90))
+        assert info["status"] == "completed", info.get("error-desc")
+        yield path, info
+    finally:
+        group.kill_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_inspect_reads_a_migfd_file_migration(migfd_stream):
+    path, info = migfd_stream
+    data = Path(path).read_bytes()
+    summary = inspect_json(path)
+    assert summary["size"] == len(data) == info["x-bytes-sent"]
+    assert summary["configuration"]["machine"] == "migfd-pc"
+    assert summary["configuration"]["capabilities"] == []  # backend-transfer is off for file:
+    assert summary["ram"]["blocks"] == [{"id": "ram0", "length": 16 << 20}]
+    # The same page counts the source reported; every page of filled RAM is a normal page.
+    assert summary["ram"]["normal_pages"] == info["ram"]["normal"]
+    assert summary["ram"]["zero_pages"] == info["ram"]["duplicate"]
+    assert summary["ram"]["normal_pages"] >= 16 * 256
+
+    sections = summary["sections"]
+    kinds = [(s["type"], s["name"]) for s in sections]
+    iterations = info["ram"]["dirty-sync-count"]
+    assert kinds[0] == ("START", "ram")
+    assert kinds[1:1 + iterations] == [("PART", "ram")] * iterations
+    assert kinds[1 + iterations:] == [("END", "ram"), ("FULL", "ram0/memory-backend-memfd"),
+                                      ("FULL", "ch0/chardev-socket"), ("FULL", "migfd-migration")]
+    check_sections_against_bytes(data, sections)
+    # SWITCHOVER_START (11), between the last PART and the END.
+    assert [c["command"] for c in summary["commands"]] == [11]
+    end = next(s for s in sections if s["type"] == "END")
+    assert sections[iterations]["offset"] < summary["commands"][0]["offset"] < end["offset"]
+
+    devices = {d["name"]: d for d in summary["vmdesc"]["devices"]}
+    assert set(devices) == {"ram0/memory-backend-memfd", "ch0/chardev-socket", "migfd-migration"}
+    ram_fields = [f["name"] for f in devices["ram0/memory-backend-memfd"]["fields"]]
+    assert ram_fields[:2] == ["size", "pages_dirtied"]
+    chardev_fields = [f["name"] for f in devices["ch0/chardev-socket"]["fields"]]
+    assert [n for n in chardev_fields if not n.endswith(".len")][:4] == [
+        "path", "connected", "lines_echoed", "pending"]
+
+
+def test_inspect_text_form_of_a_migfd_stream(migfd_stream):
+    path, info = migfd_stream
+    out = inspect_cli(path)
+    assert out.returncode == 0, out.stderr
+    assert "configuration: machine migfd-pc, capabilities: none" in out.stdout
+    assert f"pages: {info['ram']['normal']} normal, {info['ram']['duplicate']} zero" in out.stdout
+    assert "ch0/chardev-socket" in out.stdout
+
+
+def test_inspect_of_a_truncated_migfd_stream_is_one_line_error(migfd_stream, workdir):
+    path, _ = migfd_stream
+    data = Path(path).read_bytes()
+    for cut in (len(data) // 2, len(data) - 1):
+        short = Path(workdir) / "cut.bin"
+        short.write_bytes(data[:cut])
+        out = inspect_cli(short, "--json")
+        assert out.returncode != 0
+        assert "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -1,0 +1,121 @@
+"""The notebooks run top to bottom, and ``migfd report`` makes one page of them.
+
+02 and 03 run on the committed reference run (``benchmarks/reference/``, the
+newest one) or on the directory in $MIGFD_RESULTS; without either they skip
+with the reason. 01 needs no results and no root: it starts two real
+``migfd vm`` processes. Each notebook is executed once for the whole module
+(the same executed notebooks make the report), so the file takes well under
+two minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migfd.errors import MigrationError
+from migfd.paths import repo_root
+from migfd.results import report
+from migfd.results.load import RESULTS_ENV, find_results, load_results, newest_run
+
+NOTEBOOKS = report.NOTEBOOK_DIR
+RESULT_NOTEBOOKS = ("02-downtime", "03-packet-loss")
+
+
+def results_dir() -> Path | None:
+    if os.environ.get(RESULTS_ENV):
+        return find_results(os.environ[RESULTS_ENV])
+    return newest_run(repo_root() / "benchmarks" / "reference")
+
+
+RESULTS = results_dir()
+NO_RESULTS = ("no committed reference run under benchmarks/reference/ (and $MIGFD_RESULTS unset): "
+              "nothing to execute 02/03 on")
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """name -> executed notebook, run lazily once each."""
+    cache: dict[str, object] = {}
+    logs = tmp_path_factory.mktemp("kernel-logs")
+
+    def run(name: str):
+        if name not in cache:
+            cache[name] = report.execute_notebook(NOTEBOOKS / f"{name}.ipynb", RESULTS or Path("/nonexistent"), logs)
+        return cache[name]
+
+    return run
+
+
+def outputs(nb, kind: str | None = None):
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if kind is None or out.get("output_type") == kind:
+                yield out
+
+
+def test_committed_notebooks_have_no_outputs():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        text = path.read_text()
+        assert '"output_type"' not in text, f"{path.name} is committed with outputs"
+        assert '"execution_count": null' in text or '"cell_type": "code"' not in text
+        nb = json.loads(text)
+        params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        if path.stem in RESULT_NOTEBOOKS:
+            assert len(params) == 1 and "results_dir = None" in "".join(params[0]["source"])
+
+
+@pytest.mark.timeout(240)
+def test_protocol_tour_runs(executed):
+    nb = executed("01-protocol-tour")
+    assert not list(outputs(nb, "error"))
+    text = "\n".join("".join(o.get("text", "")) for o in outputs(nb, "stream"))
+    assert "000000  51 45 56 4d 00 00 00 03" in text  # the hex dump starts with the header
+    assert text.count("fd record") >= 2
+    # the transport check refused tcp on both sides
+    assert text.count("refused (ExecuteError): Migration requires a UNIX domain socket as transport") == 2
+    table = next(o for o in outputs(nb, "execute_result") if "backend-transfer" in o["data"].get("text/plain", ""))
+    assert "completed / completed" in table["data"]["text/plain"]
+
+
+@pytest.mark.skipif(RESULTS is None, reason=NO_RESULTS)
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", RESULT_NOTEBOOKS)
+def test_result_notebooks_run(executed, name):
+    nb = executed(name)
+    assert not list(outputs(nb, "error"))
+    images = [o for o in outputs(nb) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2
+    markdown = "".join(o["data"].get("text/markdown", "") for o in outputs(nb, "display_data"))
+    assert str(RESULTS) in markdown  # it says which run it shows
+
+
+@pytest.mark.skipif(RESULTS is None, reason=NO_RESULTS)
+@pytest.mark.timeout(240)
+def test_report_page_is_self_contained(executed, tmp_path):
+    books = [(NOTEBOOKS / f"{name}.ipynb", executed(name)) for name in ("01-protocol-tour", *RESULT_NOTEBOOKS)]
+    _, meta = load_results(RESULTS)
+    html = report.to_html(report.combine(books, RESULTS, meta))
+    assert html.count("data:image/png;base64,") >= 5
+    assert not re.search(r'<script[^>]*\ssrc=', html)  # nothing loaded from elsewhere
+    assert not re.search(r'<img[^>]*\ssrc="(?!data:)', html)
+    assert "Targets" in html and any(v in html for v in ("pass", "fail", "not-measured"))
+    # code of the result notebooks is hidden, the tour's is shown
+    assert "plot_downtime_vs_ram(df, meta)" not in html
+    assert "write_configuration" in html
+
+
+def test_report_with_missing_results_is_one_line(tmp_path):
+    with pytest.raises(MigrationError, match="holds no results.csv"):
+        report.build_report(tmp_path / "nothing", tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "migfd.cli", "report", "--results", str(tmp_path / "nothing"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "migfd report: error:" in proc.stderr

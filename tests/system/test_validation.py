@@ -1,0 +1,131 @@
+"""Every received fd is checked before use; a wrong one is refused by name and closed."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from conftest import needs_tap, proc_fds, run_vm_test, wait_until
+from migfd.channel import QEMUFile
+from migfd.devices.chardev import validate_socket_fd
+from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd
+from migfd.devices.tap import validate_tap_fd
+from migfd.errors import MigrationError
+from migfd.migration import MIGRATION_SECTION, MIGRATION_VMSD
+from migfd.net.netns import NetNamespace
+from migfd.net.tun import open_tap
+from migfd.params import MigrationParameters
+from migfd.stream import StreamWriter
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("test")
+    os.ftruncate(fd, size)
+    return fd
+
+
+def test_memfd_of_the_wrong_size_or_kind_is_refused_by_device_name():
+    good, small = _memfd(1 << 20), _memfd(4096)
+    r, w = os.pipe()
+    try:
+        validate_memfd(good, 1 << 20, "ram0")
+        with pytest.raises(MigrationError, match="memory backend 'ram0'.*4096 bytes, expected 1048576"):
+            validate_memfd(small, 1 << 20, "ram0")
+        with pytest.raises(MigrationError, match="memory backend 'ram0'.*not a memfd"):
+            validate_memfd(r, 1 << 20, "ram0")
+    finally:
+        for fd in (good, small, r, w):
+            os.close(fd)
+
+
+def test_chardev_sockets_must_be_unix_stream_listening_or_connected():
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0migfd-test-validation")
+    listener.listen(1)
+    a, b = socket.socketpair()
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        validate_socket_fd(listener.fileno(), listening=True, device="ch0")
+        validate_socket_fd(a.fileno(), listening=False, device="ch0")
+        with pytest.raises(MigrationError, match="chardev 'ch0': received socket is not listening"):
+            validate_socket_fd(a.fileno(), listening=True, device="ch0")
+        with pytest.raises(MigrationError, match="chardev 'ch0': received socket is not connected"):
+            validate_socket_fd(listener.fileno(), listening=False, device="ch0")
+        for wrong in (dgram, tcp):
+            with pytest.raises(MigrationError, match="chardev 'ch0': received fd is not a UNIX stream socket"):
+                validate_socket_fd(wrong.fileno(), listening=False, device="ch0")
+        r, w = os.pipe()
+        try:
+            with pytest.raises(MigrationError, match="chardev 'ch0': received fd is not a socket"):
+                validate_socket_fd(r, listening=False, device="ch0")
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        for s in (listener, a, b, dgram, tcp):
+            s.close()
+
+
+@needs_tap
+def test_tap_fd_must_be_the_expected_interface():
+    with NetNamespace() as ns:
+        fd = open_tap("vtap0", netns=ns.name)
+        other = open_tap("vtap1", netns=ns.name)
+        r, w = os.pipe()
+        try:
+            validate_tap_fd(fd, "vtap0", False, "net0")
+            with pytest.raises(MigrationError, match="netdev 'net0': received TAP is attached to vtap1, expected vtap0"):
+                validate_tap_fd(other, "vtap0", False, "net0")
+            with pytest.raises(MigrationError, match="netdev 'net0': received TAP queue has the wrong multi-queue"):
+                validate_tap_fd(fd, "vtap0", True, "net0")
+            with pytest.raises(MigrationError, match="netdev 'net0': received fd is not a TAP device"):
+                validate_tap_fd(r, "vtap0", False, "net0")
+        finally:
+            for x in (fd, other, r, w):
+                os.close(x)
+
+
+def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms):
+    """A source (played by the test) hands over a pipe where the memfd belongs."""
+    async def body():
+        dst = await vms.start("dst", incoming="defer",
+                              objects=("memory-backend-memfd,id=ram0,size=1M,backend-transfer=on",))
+        await dst.execute("migrate-set-parameters", {"backend-transfer": True})
+        path = vms.path("mig.sock")
+        await dst.execute("migrate-incoming", {"uri": f"unix:{path}"})
+        await wait_until(lambda: os.path.exists(path), what="destination listening")
+        before = proc_fds(dst.pid)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        f = QEMUFile.from_socket(sock, "fake-source")
+        r, w = os.pipe()
+        try:
+            params = MigrationParameters(backend_transfer=True)
+            writer = StreamWriter(f)
+            writer.write_header()
+            writer.write_configuration("migfd-pc", params.capabilities())
+            writer.write_open_return_path()
+            writer.write_ram_start([])
+            ram = MemoryBackendMemfd("ram0", 1 << 20, backend_transfer=True)
+            writer.write_section_full(ram.section_name, 0, ram.vmsd,
+                                      {"size": 1 << 20, "pages_dirtied": 0, "fd": r})
+            writer.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD,
+                                      {"stop_ns": 1, "running": True})
+            writer.write_ping(7)
+            f.flush()
+            info = await dst.wait_migration(30)
+            assert info["status"] == "failed"
+            assert "memory backend 'ram0'" in info["error-desc"] and "not a memfd" in info["error-desc"]
+            # The pipe the destination received is closed again: only our own ends remain.
+            pipes = [link for link in proc_fds(dst.pid) if link.startswith("pipe:")]
+            assert pipes == [link for link in before if link.startswith("pipe:")]
+            assert (await dst.execute("query-status"))["status"] == "inmigrate"
+        finally:
+            f.close()
+            os.close(r)
+            os.close(w)
+
+    run_vm_test(vms, body)
