@@ -1,13 +1,15 @@
 # The two commands a user needs: `make test` and `make report`.
 # Each one sets itself up: the virtual env, the Python packages and the few
 # Debian packages the real runs use (iproute2 for network namespaces, QEMU for
-# the qemu-peer comparison).
+# the qemu-peer comparison); as root on Debian 12 also QEMU 10.0 beside the
+# system's QEMU, unpacked into .qemu/ (never installed system-wide).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+QEMU10 := .qemu/qemu-10.0
 
-.PHONY: test test-unit report lab venv debs clean
+.PHONY: test test-unit report lab venv debs qemu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +32,13 @@ debs:
 	  fi; \
 	fi
 
+# QEMU 10.0 from bookworm-backports into .qemu/ (tools/fetch-qemu.sh: as root on Debian 12;
+# elsewhere it prints why it skipped, and qemu-peer runs the system's QEMU alone).
+qemu: debs
+	@./tools/fetch-qemu.sh
+
 # The layer rules (import-linter contracts in pyproject.toml), then both halves of the suite.
-test: $(STAMP) debs
+test: $(STAMP) debs qemu
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
@@ -41,12 +48,13 @@ test-unit: $(STAMP)
 
 # REPORT_ARGS: e.g. --quick, or --results DIR to report on an existing run.
 REPORT_ARGS ?=
-report: $(STAMP) debs
-	$(BIN)/migfd report $(REPORT_ARGS)
+# qemu-peer runs QEMU 10.0 beside the system's QEMU when .qemu/ has it (MIGFD_QEMU).
+report: $(STAMP) debs qemu
+	MIGFD_QEMU=$$([ -x $(QEMU10) ] && echo $(CURDIR)/$(QEMU10)) $(BIN)/migfd report $(REPORT_ARGS)
 
 # Jupyter refuses to start as root unless told; the notebooks' kernel is this venv's Python.
 lab: $(STAMP)
 	$(BIN)/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/
 
 clean:
-	rm -rf $(VENV) reports
+	rm -rf $(VENV) reports .qemu

@@ -1,12 +1,24 @@
 """QEMUFile: a buffered migration channel over a connected socket or a file.
 
-Bytes are buffered and sent in large writes. An fd travels as QEMU's
-qemu_file_put_fd sends it: everything buffered is flushed first, then one
-service byte 0x20 with the fd as SCM_RIGHTS in its own sendmsg, so the byte
-order of the stream and the order of fds agree. The reading side receives
-with MSG_CMSG_CLOEXEC and room for SCM_MAX_FD fds on every read, queues fds in
-arrival order, and treats a truncated control message as fatal, because the
-kernel then has dropped fds silently.
+Bytes are buffered and sent in large writes. An fd is one service byte 0x20
+in the byte stream with the fd beside it as SCM_RIGHTS. Unbatched, it travels
+as QEMU's qemu_file_put_fd sends it: everything buffered is flushed first,
+then the service byte with the fd in its own sendmsg. Batched (the default),
+the service byte joins the buffered bytes and the fd rides, as SCM_RIGHTS, in
+the sendmsg that carries that buffer, with at most
+:data:`MAX_FDS_PER_MESSAGE` fds a message: so the device state of a whole
+switchover can leave in one message. Both read back the same way in QEMU's
+reader and ours: every fd received with any read is queued in arrival order,
+and an fd field takes the oldest queued fd when it reads its service byte; an
+fd never arrives after its service byte, so the byte order of the stream and
+the order of fds agree. The reading side receives with MSG_CMSG_CLOEXEC and
+room for SCM_MAX_FD fds on every read, queues fds in arrival order, and
+treats a truncated control message as fatal, because the kernel then has
+dropped fds silently.
+
+A socket stays in blocking mode: a bound on a write is the kernel's
+SO_SNDTIMEO, and a read first polls (bounded) only when nothing is there, so
+data that has arrived costs one system call.
 
 Ownership: ``put_fd`` does not take the fd (the sender keeps it until the
 handover commits). Received fds belong to the channel until ``get_fd`` or
@@ -23,23 +35,30 @@ broken, as if the peer had vanished.
 from __future__ import annotations
 
 import array
+import select
 import socket
 import struct
+import time
 from collections import deque
 from typing import BinaryIO
 
 from migfd.errors import ChannelBrokenError, ChannelClosedError, ChannelError
 from migfd.fds import close_fds
-from migfd.units import KiB
 from migfd.stream.constants import FD_SERVICE_BYTE
+from migfd.timeline import Timeline
+from migfd.units import KiB
 
 #: The kernel's limit of fds in one SCM_RIGHTS message.
 SCM_MAX_FD = 253
-#: QEMU's reader accepts up to this many fd records in one message; so do we when batching.
+#: QEMU's reader receives at most this many fds with one read (SOCKET_MAX_FDS of
+#: io/channel-socket.c); a batched message carries no more.
 MAX_FDS_PER_MESSAGE = 16
 #: Bound on received fds not yet claimed, so a peer cannot exhaust our fd table.
 MAX_QUEUED_FDS = 1024
 DEFAULT_BUFSIZE = 256 * KiB
+
+#: Linux's SO_SNDBUFFORCE (socket(7)), which the socket module does not name
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 _FD_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
@@ -54,14 +73,14 @@ class QEMUFile:
 
     Build it with :meth:`from_socket` or :meth:`open_file`. ``name`` is used in
     errors, like QEMU's channel names ("migration-socket-outgoing", a path).
-    With ``batch_fds``, consecutive fd records share one sendmsg (up to
-    :data:`MAX_FDS_PER_MESSAGE`, each with its own service byte), which QEMU's
-    reader accepts; it cuts the per-message cost of many fds.
+    With ``batch_fds`` an fd rides with the buffered bytes that hold its
+    service byte (see the module docstring); without, each fd takes its own
+    sendmsg after a flush, exactly as QEMU sends it.
     """
 
     def __init__(self, *, name: str, sock: socket.socket | None = None,
                  file: BinaryIO | None = None, bufsize: int = DEFAULT_BUFSIZE,
-                 batch_fds: bool = False):
+                 batch_fds: bool = True):
         if (sock is None) == (file is None):
             raise ValueError("a QEMUFile needs exactly one of a socket or a file")
         self.name = name
@@ -78,6 +97,10 @@ class QEMUFile:
         self._scratch = bytearray(bufsize)
         self._scratch_view = memoryview(self._scratch)
         self._eof = False
+        self._timeout_s: float | None = None
+        self._poller: select.poll | None = None
+        #: the first I/O failure (see _io_error)
+        self._broken: str | None = None
         self.closed = False
         #: bytes handed to the kernel, service bytes included
         self.bytes_sent = 0
@@ -86,6 +109,8 @@ class QEMUFile:
         self.fds_received = 0
         #: sendmsg calls that carried fds
         self.fd_messages = 0
+        #: where the migration records each message that carries fds ("fds-sent", "fds-received")
+        self.timeline: Timeline | None = None
 
     @classmethod
     def from_socket(cls, sock: socket.socket, name: str | None = None, **kwargs) -> "QEMUFile":
@@ -116,25 +141,63 @@ class QEMUFile:
     @property
     def bytes_written(self) -> int:
         """Bytes put so far, sent or still buffered (service bytes of fds included)."""
-        return self.bytes_sent + len(self._wbuf) + len(self._pending_fds)
+        return self.bytes_sent + len(self._wbuf)
 
     @property
     def socket(self) -> socket.socket | None:
         return self._sock
 
     def settimeout(self, seconds: float | None) -> None:
-        """Bound every blocking read and write of this channel."""
-        if self._sock is not None:
-            self._sock.settimeout(seconds)
+        """Bound every blocking read and write of this channel (None: no bound).
+
+        The socket itself stays blocking (Python's own timeout would poll
+        before every call): writes are bounded by SO_SNDTIMEO, reads by the
+        poll that only runs when nothing has arrived yet.
+        """
+        self._timeout_s = seconds
+        if self._sock is None:
+            return
+        self._sock.settimeout(None)
+        usec = 0 if seconds is None else max(int(seconds * 1_000_000), 1)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                              struct.pack("@ll", usec // 1_000_000, usec % 1_000_000))
+
+    def set_send_buffer(self, nbytes: int) -> int:
+        """Ask for a kernel send buffer of ``nbytes`` (beyond net.core.wmem_max where
+        allowed: SO_SNDBUFFORCE needs CAP_NET_ADMIN); returns what the kernel gave.
+
+        A sender that writes a large batch while its peer parses the previous
+        one needs room for it in the kernel, or the two take turns instead of
+        overlapping.
+        """
+        if self._sock is None:
+            return 0
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, nbytes)
+        except OSError:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+            except OSError:
+                pass
+        return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
     def _check_open(self) -> None:
         if self.closed:
             raise ChannelClosedError(f"{self.name} is closed")
+        if self._broken is not None:
+            raise ChannelBrokenError(f"{self.name}: {self._broken}")
 
     def _io_error(self, message: str) -> ChannelError:
-        """The error for failed I/O: closed if this side closed it meanwhile, else broken."""
-        kind = ChannelClosedError if self.closed else ChannelBrokenError
-        return kind(f"{self.name}: {message}")
+        """The error for failed I/O: closed if this side closed it meanwhile, else broken.
+
+        As QEMU's QEMUFile keeps its first error, a broken channel stays
+        broken: every later use raises.
+        """
+        if self.closed:
+            return ChannelClosedError(f"{self.name}: {message}")
+        if self._broken is None:
+            self._broken = message
+        return ChannelBrokenError(f"{self.name}: {message}")
 
     def _no_fds(self) -> ChannelError:
         return ChannelError(f"{self.name} does not support fd passing")
@@ -143,9 +206,8 @@ class QEMUFile:
 
     def put_buffer(self, data) -> None:
         """Queue bytes (any C-contiguous buffer); large ones go out at once, uncopied."""
-        self._check_open()
-        if self._pending_fds:
-            self._send_fds()
+        if self.closed or self._broken is not None:
+            self._check_open()
         view = memoryview(data).cast("B")
         if len(view) >= self.bufsize:
             if self._wbuf:
@@ -169,27 +231,39 @@ class QEMUFile:
         self.put_buffer(struct.pack(">Q", value))
 
     def put_fd(self, fd: int) -> None:
-        """Send ``fd`` beside one service byte; the caller keeps its own fd."""
+        """Send ``fd`` beside one service byte; the caller keeps its own fd.
+
+        The fd must stay open until the next :meth:`flush` (batched, it
+        leaves with the buffer).
+        """
         self._check_open()
         if not self.supports_fds:
             raise self._no_fds()
-        if self._wbuf:
+        if not self.batch_fds:
+            if self._wbuf:
+                self._send_buffer()
+            self._pending_fds.append(fd)
+            self._wbuf.append(FD_SERVICE_BYTE)
             self._send_buffer()
+            return
+        self._wbuf.append(FD_SERVICE_BYTE)
         self._pending_fds.append(fd)
-        if not self.batch_fds or len(self._pending_fds) >= MAX_FDS_PER_MESSAGE:
-            self._send_fds()
+        if len(self._pending_fds) >= MAX_FDS_PER_MESSAGE:
+            self._send_buffer()
 
     def flush(self) -> None:
         self._check_open()
-        if self._pending_fds:
-            self._send_fds()
         if self._wbuf:
             self._send_buffer()
 
     def _send_buffer(self) -> None:
+        """Send the buffer, with the fds whose service bytes it holds."""
         data = self._wbuf
         self._wbuf = bytearray()
-        self._send(memoryview(data))
+        if self._pending_fds:
+            self._send_fds(memoryview(data))
+        else:
+            self._send(memoryview(data))
 
     def _send(self, data: memoryview) -> None:
         try:
@@ -200,27 +274,30 @@ class QEMUFile:
                 view = data
                 while view:
                     view = view[self._file.write(view):]
-        except TimeoutError as exc:
+        except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_SNDTIMEO ran out
             raise self._io_error("timed out writing") from exc
         except OSError as exc:
             raise self._io_error(f"write failed: {exc.strerror or exc}") from exc
         self.bytes_sent += len(data)
 
-    def _send_fds(self) -> None:
+    def _send_fds(self, payload: memoryview) -> None:
+        """One sendmsg of ``payload`` with the pending fds (their service bytes are in it)."""
         fds = self._pending_fds
         self._pending_fds = []
         assert self._sock is not None
-        payload = bytes((FD_SERVICE_BYTE,)) * len(fds)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        start = time.monotonic_ns()
         try:
             sent = self._sock.sendmsg([payload], ancillary)
             if sent != len(payload):
-                # The fds went with the first byte; the rest is plain data.
+                # The fds went with the first bytes; the rest is plain data.
                 self._sock.sendall(payload[sent:])
-        except TimeoutError as exc:
+        except (TimeoutError, BlockingIOError) as exc:
             raise self._io_error("timed out sending fds") from exc
         except OSError as exc:
             raise self._io_error(f"sending fds failed: {exc.strerror or exc}") from exc
+        if self.timeline is not None:
+            self.timeline.add("fds-sent", start, time.monotonic_ns())
         self.bytes_sent += len(payload)
         self.fds_sent += len(fds)
         self.fd_messages += 1
@@ -232,25 +309,37 @@ class QEMUFile:
         if self._rpos and self._rpos == len(self._rbuf):
             self._rbuf.clear()
             self._rpos = 0
-        data, fds = self._receive()
+        got = self._receive()
+        assert got is not None
+        data, fds = got
         self._rbuf += data
         self._rfds.extend(fds)
         if len(self._rfds) > MAX_QUEUED_FDS:
             raise ChannelError(f"{self.name}: more than {MAX_QUEUED_FDS} fds received and not claimed")
         return len(data)
 
-    def _receive(self) -> tuple[bytes, list[int]]:
-        """One read from the kernel: the bytes and the fds that came with them."""
+    def _receive(self, block: bool = True) -> tuple[bytes | memoryview, list[int]] | None:
+        """One read from the kernel: the bytes and the fds that came with them.
+
+        Without ``block``, None when nothing has arrived. ``(b"", [])`` is the
+        end of the stream.
+        """
         self._check_open()
         if self._eof:
             return b"", []
         try:
             if self._sock is None:
                 assert self._file is not None
-                data = self._file.read(self.bufsize)
+                data: bytes | memoryview = self._file.read(self.bufsize)
                 fds: list[int] = []
             else:
-                data, fds = self._recvmsg()
+                got = self._recvmsg()
+                while got is None:
+                    if not block:
+                        return None
+                    self.wait_readable()
+                    got = self._recvmsg()
+                data, fds = got
         except TimeoutError as exc:
             raise self._io_error("timed out waiting for data") from exc
         except OSError as exc:
@@ -263,35 +352,56 @@ class QEMUFile:
         self.fds_received += len(fds)
         return data, fds
 
-    def _recvmsg(self) -> tuple[memoryview, list[int]]:
+    def wait_readable(self) -> None:
+        """Block until something can be read (bounded by :meth:`settimeout`)."""
+        if self._sock is None or self._eof:
+            return
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._sock.fileno(), select.POLLIN)
+        timeout_ms = None if self._timeout_s is None else self._timeout_s * 1000
+        if not self._poller.poll(timeout_ms):
+            raise self._io_error("timed out waiting for data") from TimeoutError(
+                f"nothing to read within {self._timeout_s} s")
+
+    def _recvmsg(self) -> tuple[memoryview, list[int]] | None:
+        """One non-blocking read; None when nothing has arrived."""
         assert self._sock is not None
-        if not self.supports_fds:
-            nbytes = self._sock.recv_into(self._scratch)
-            return self._scratch_view[:nbytes], []
-        # Into one reused buffer: a fresh 256 KiB object per read costs page faults.
-        nbytes, ancdata, flags, _ = self._sock.recvmsg_into([self._scratch], _ANCBUF,
-                                                           socket.MSG_CMSG_CLOEXEC)
+        try:
+            if not self.supports_fds:
+                nbytes = self._sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT)
+                return self._scratch_view[:nbytes], []
+            # Into one reused buffer: a fresh 256 KiB object per read costs page faults.
+            start = time.monotonic_ns()
+            nbytes, ancdata, flags, _ = self._sock.recvmsg_into(
+                [self._scratch], _ANCBUF, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
         data = self._scratch_view[:nbytes]
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
+        if fds and self.timeline is not None:
+            self.timeline.add("fds-received", start, time.monotonic_ns())
         if flags & socket.MSG_CTRUNC:
             close_fds(fds)
             raise ChannelError(f"{self.name}: control message truncated, fds were lost")
         return data, fds
 
-    def read_chunk(self) -> tuple[bytes | memoryview, list[int]]:
+    def read_chunk(self, block: bool = True) -> tuple[bytes | memoryview, list[int]] | None:
         """What has arrived: buffered bytes and queued fds, reading once if there are none.
 
         The caller owns the fds returned. The bytes may be a view of the
         channel's read buffer, valid until the next read: consume or copy
         them first (StreamReader.receive_data copies). ``(b"", [])`` means end
-        of stream.
+        of stream. Without ``block``, None when nothing has arrived: a reader
+        can take everything the kernel holds (one call per message that
+        carried fds) before it parses.
         """
         if self._rpos == len(self._rbuf) and not self._rfds:
-            return self._receive()
+            return self._receive(block)
         data = bytes(self._rbuf[self._rpos:])
         self._rbuf.clear()
         self._rpos = 0

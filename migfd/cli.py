@@ -1,4 +1,4 @@
-"""The ``migfd`` command: inspect a saved stream, run a VM process, benchmark, report.
+"""The ``migfd`` command: inspect a saved stream, run a VM process, benchmark, report, compare.
 
 Every expected failure is a :class:`~migfd.errors.MigrationError`; it reaches
 the user as one line on stderr and a non-zero exit, never as a traceback.
@@ -46,6 +46,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from migfd.results.compare import main
+
+    try:
+        return main(args)
+    except MigrationError as exc:
+        # bad input is a usage error, as argparse's own: status 2
+        print(f"migfd compare: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="migfd", description="Study fd-passing (backend-transfer) live migration from real runs.")
@@ -67,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", action="append", dest="scenarios", metavar="NAME",
                    help="run only this scenario (repeatable)")
     p.add_argument("--trials", type=int, help="trials per point and mode")
+    p.add_argument("--qemu", action="append", metavar="PATH",
+                   help="a QEMU binary for qemu-peer beside the system's (repeatable; also $MIGFD_QEMU, "
+                        "colon-separated)")
     p.add_argument("--out", help="output directory (default benchmarks/results/<UTC>-<host>/)")
     p.set_defaults(func=_cmd_bench)
 
@@ -75,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="run the benchmark in quick mode")
     p.add_argument("--out", help="report directory (default reports/<UTC>-<host>/)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="compare two runs: ratios NEW/BASE with intervals and verdicts",
+                       description="BASE and NEW are results directories or HTML reports of `migfd report`.")
+    p.add_argument("base", metavar="BASE")
+    p.add_argument("new", metavar="NEW")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object {"base": ..., "new": ..., "changes": [...]}')
+    p.add_argument("--out", metavar="DIR", help="also write DIR/index.html (forest plot, metadata differences)")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -30,8 +30,9 @@ class MigrationParameters:
     max_bandwidth: int = DEFAULT_MAX_BANDWIDTH
     #: precopy iterations before the source stops the guest regardless
     x_max_iterations: int = 30
-    #: batch consecutive fd records into one sendmsg (at most 16 each)
-    x_batch_fds: bool = False
+    #: fd records ride in the sendmsg of the bytes around them (at most 16 fds a
+    #: message) instead of one sendmsg each; QEMU's reader takes both
+    x_batch_fds: bool = True
     #: bound on every blocking read or write of the migration channel, in ms
     x_channel_timeout_ms: int = 30_000
 

@@ -65,6 +65,8 @@ class VM:
         self._lock = threading.RLock()
         self.server: QMPServer | None = None
         self.faults = FaultInjector()
+        self._events_lock = threading.Lock()
+        self._held_events: list[tuple[str, dict | None, int]] | None = None
 
     # -- run state (QEMU's vm_start / vm_stop) -----------------------------------
 
@@ -77,8 +79,32 @@ class VM:
         return self._stopped_at_ns
 
     def _event(self, name: str, data: dict | None = None) -> None:
-        if self.server is not None:
-            self.server.emit_threadsafe(name, data)
+        if self.server is None:
+            return
+        with self._events_lock:
+            if self._held_events is not None:
+                self._held_events.append((name, data, time.time_ns()))
+                return
+        self.server.emit_threadsafe(name, data)
+
+    def hold_events(self) -> None:
+        """Keep QMP events (with their time) until :meth:`release_events`.
+
+        A migration holds them through its switchover: sending one wakes the
+        QMP thread, which then competes with the migration for the CPU and
+        the GIL, inside the downtime.
+        """
+        with self._events_lock:
+            if self._held_events is None:
+                self._held_events = []
+
+    def release_events(self) -> None:
+        """Send the held events, in order, stamped with the time they happened."""
+        with self._events_lock:
+            held, self._held_events = self._held_events, None
+            if self.server is not None:
+                for name, data, time_ns in held or ():
+                    self.server.emit_threadsafe(name, data, time_ns)
 
     def set_runstate(self, runstate: str) -> None:
         self.runstate = runstate
@@ -284,7 +310,7 @@ class VM:
         migration.start()
 
     def qmp_query_migrate(self, args: dict) -> dict:
-        out = {} if self.migration is None else self.migration.stats.to_qmp()
+        out = {} if self.migration is None else self.migration.query()
         if self.server is not None and self.server.refused:
             out["x-refused-qmp-connections"] = self.server.refused
         return out

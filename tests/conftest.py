@@ -26,6 +26,7 @@ import pytest
 
 from migfd.net.tun import TUN_DEVICE_PATH
 from migfd.peers.process import VMProcess, proc_fds
+from migfd.peers import tapnet
 from migfd.peers.tapnet import netns_with_tap
 
 # -- skip markers ----------------------------------------------------------------
@@ -181,8 +182,8 @@ def vms(workdir):
         group.kill_all()  # a last resort: run_vm_test has normally quit them already
 
 
-#: frames the TAP's kernel queue holds (see netns_tap)
-TAP_TXQLEN = 20_000
+#: frames the TAP's kernel queue holds: the benchmark's value (migfd.peers.tapnet.TAP_TXQLEN)
+TAP_TXQLEN = tapnet.TAP_TXQLEN
 
 
 @pytest.fixture
@@ -195,11 +196,8 @@ def netns_tap(request):
     if not HAVE_TAP:
         pytest.skip(needs_tap.kwargs["reason"])
     queues = getattr(request, "param", 1)
-    # The TAP's kernel queue is what keeps frames while no guest reads (a stopped
-    # source). Its default, 1000 frames, is 50 ms at 20,000 frames/s: a loaded
-    # 2-core CI box can stop a guest longer than that, and the overflow would be
-    # counted as frames the handover lost. One second of frames decouples the
-    # exactly-once check from scheduling delays.
+    # The TAP's kernel queue keeps frames while no guest reads (a stopped source):
+    # sized as the benchmark's (why: migfd.peers.tapnet.TAP_TXQLEN).
     with netns_with_tap("mtap0", queues=queues, txqlen=TAP_TXQLEN) as tap:
         yield tap
 
@@ -237,7 +235,9 @@ def _device_vmsds(name: str, instance_id: int, version_id: int):
 class FakeDestination:
     """Listens like a destination and reads the source's stream with migfd's own reader.
 
-    At the PING (the source asking for the commit point) it does as told:
+    It answers the PING that ends the source's setup (no device section yet);
+    at the PING after the device sections (the source asking for the commit
+    point) it does as told:
     ``answer=None`` never replies (the source waits, stopped); ``"close"``
     vanishes without a reply; ``"pong"`` acknowledges and then vanishes, as a
     destination dying right after the commit point. Every fd that arrives is
@@ -268,6 +268,7 @@ class FakeDestination:
             self._listener.settimeout(30)
             conn, _ = self._listener.accept()
             self._conn = conn
+            sections = 0
             while True:
                 data, ancdata, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(253 * 4))
                 fds: list[int] = []
@@ -278,6 +279,11 @@ class FakeDestination:
                 for event in self.reader.events():
                     if isinstance(event, SectionFull):
                         self.fds += event.fds
+                        sections += 1
+                    elif (isinstance(event, CommandRecord) and event.command == Command.PING
+                          and not sections):
+                        # the PING that ends the source's setup: answered, as a destination does
+                        conn.sendall(struct.pack(">HH", ReturnPathMessage.PONG, len(event.data)) + event.data)
                     elif isinstance(event, CommandRecord) and event.command == Command.PING:
                         if self.answer == "pong":
                             conn.sendall(struct.pack(">HH", ReturnPathMessage.PONG, len(event.data))

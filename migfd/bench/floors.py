@@ -6,22 +6,34 @@ connected by an AF_UNIX stream socketpair, the same transport a backend-transfer
 migration uses. Nothing is a migration: these are the lower bounds the
 migrations are compared with.
 
+The fds are of the kinds the migrations hand over, never /dev/null: what the
+kernel does per fd depends on the file (an AF_UNIX socket in flight is
+tracked for its garbage collector, for instance).
+
 ``fd-roundtrip``
     N fds (one service byte each) sent in batches of
     :data:`~migfd.channel.MAX_FDS_PER_MESSAGE` per sendmsg, received with
-    MSG_CMSG_CLOEXEC; the child answers one byte when all have arrived.
-    ``value`` is the cost of one more fd: (round trip with N fds - round trip
-    of one plain byte) / N, in ns per fd.
+    MSG_CMSG_CLOEXEC; the child answers one byte when all have arrived. The
+    fds are what fd-count hands over: queues of one multi-queue TAP (as root
+    with /dev/net/tun), else listening AF_UNIX sockets. ``value`` is the cost
+    of one more fd: (round trip with N fds - round trip of one plain byte) /
+    N, in ns per fd.
 ``unix-throughput``
     M bytes sent with sendall; the child receives them with ``recv_into`` a
-    freshly created shared mapping (page faults included, as a destination
-    writing guest RAM into a fresh memfd), then answers one byte. ``value`` in
-    bytes/s.
+    fresh shared mapping whose pages it allocated before the clock started (as
+    a destination copying state allocates guest RAM at the RAM START, before
+    the source stops), then answers one byte. ``value`` in bytes/s. Measured
+    at every RAM size the copies it is compared with moved (``ram_bytes``),
+    smaller sizes repeated more.
 ``memcpy``
     numpy copy between two buffers already faulted in, in this process. bytes/s.
 ``handover-floor``
-    The device-state bytes and the fds of a real fd-passing migration, in one
-    sendmsg, and the one-byte answer: the least a handover can cost.
+    The message pattern of a switchover with backend-transfer, and nothing
+    else: the device-state bytes of a real fd-passing migration with its fds
+    (a memfd, a TAP queue, connected sockets), batched as the channel batches
+    them; the destination's one-byte acknowledgement; the source's one-byte
+    EOF. It ends when the child has read the EOF, on the child's
+    CLOCK_MONOTONIC (one host, one clock): what a downtime spans.
 
 Each measurement repeats ``reps`` times; a row carries the median.
 """
@@ -44,13 +56,17 @@ from typing import Iterator
 import numpy as np
 
 from migfd.channel import MAX_FDS_PER_MESSAGE, SCM_MAX_FD
+from migfd.devices.memfd import MADV_POPULATE_WRITE
 from migfd.fds import close_fds
-from migfd.units import MiB
+from migfd.net.tun import open_tap_queues
+from migfd.units import GiB, MiB
 
 #: command header: op (4 bytes), three unsigned 64-bit arguments
 _CMD = struct.Struct("<4sQQQ")
 _ACK = b"A"
 _READY = b"R"
+_EOF = b"E"
+_TIME = struct.Struct(">Q")
 _FD_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
 RECV_CHUNK = 1 * MiB
@@ -88,6 +104,17 @@ def _recv_fds(sock: socket.socket, nbytes: int, nfds: int) -> list[int]:
     return fds
 
 
+def allocated_mapping(nbytes: int) -> mmap.mmap:
+    """A fresh shared mapping whose pages are allocated (MADV_POPULATE_WRITE), as a
+    destination allocates guest RAM at the RAM START, before the source stops."""
+    buf = mmap.mmap(-1, nbytes)
+    try:
+        buf.madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        np.frombuffer(buf, dtype=np.uint8)[::mmap.PAGESIZE] = 0  # before 5.14: one fault a page
+    return buf
+
+
 def child_main(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     header = bytearray(_CMD.size)
@@ -99,18 +126,31 @@ def child_main(fd: int) -> int:
         op, a, b, reps = _CMD.unpack(header)
         if op == b"QUIT":
             return 0
+        if op == b"BYTE":
+            reps_left = reps
+            buf = allocated_mapping(b)
+            sock.sendall(_READY)  # the first clock starts now
         for _ in range(reps):
-            if op in (b"FDRT", b"HAND"):  # a: fds, b: bytes (service bytes included)
+            if op == b"FDRT":  # a: fds, b: bytes (service bytes included)
                 fds = _recv_fds(sock, b, a)
                 sock.sendall(_ACK)
                 close_fds(fds)
-            elif op == b"BYTE":  # b: bytes into a fresh mapping
-                buf = mmap.mmap(-1, b)
+            elif op == b"HOVR":  # a switchover: state and fds, ACK, the EOF; then when it came
+                fds = _recv_fds(sock, b, a)
+                sock.sendall(_ACK)
+                _recv_exact_into(sock, memoryview(bytearray(1)))
+                at = time.monotonic_ns()
+                sock.sendall(_TIME.pack(at))
+                close_fds(fds)
+            elif op == b"BYTE":  # b: bytes into a fresh mapping, allocated before the clock
                 view = memoryview(buf)
                 _recv_exact_into(sock, view)
                 sock.sendall(_ACK)
                 view.release()
                 buf.close()
+                reps_left -= 1
+                if reps_left:
+                    buf = allocated_mapping(b)
             else:
                 raise RuntimeError(f"unknown op {op!r}")
             sock.sendall(_READY)  # cleanup done: the next round trip starts clean
@@ -181,10 +221,10 @@ def _send_fds(sock: socket.socket, fds: list[int], batch: int, prefix: bytes = b
 
 
 def fd_roundtrip(peer: Peer, fds: list[int], reps: int, batch: int = MAX_FDS_PER_MESSAGE,
-                 prefix: bytes = b"", op: bytes = b"FDRT") -> list[int]:
+                 prefix: bytes = b"") -> list[int]:
     """Round trips (ns) of sending ``prefix`` and ``fds`` (batched) and reading the answer."""
     nbytes = len(prefix) + len(fds)
-    peer.command(op, len(fds), nbytes, reps)
+    peer.command(b"FDRT", len(fds), nbytes, reps)
     out = []
     for _ in range(reps):
         t0 = time.perf_counter_ns()
@@ -194,6 +234,26 @@ def fd_roundtrip(peer: Peer, fds: list[int], reps: int, batch: int = MAX_FDS_PER
             peer.sock.sendall(prefix or b" ")
         peer.wait_byte(_ACK)
         out.append(time.perf_counter_ns() - t0)
+        peer.wait_byte(_READY)
+    return out
+
+
+def handover(peer: Peer, state: bytes, fds: list[int], reps: int) -> list[int]:
+    """Switchovers (ns): ``state`` and ``fds`` (batched as the channel does), the
+    acknowledgement, the EOF; each ends when the child has read the EOF."""
+    peer.command(b"HOVR", len(fds), len(state) + len(fds), reps)
+    out = []
+    answer = bytearray(_TIME.size)
+    for _ in range(reps):
+        t0 = time.monotonic_ns()
+        if fds:
+            _send_fds(peer.sock, fds, MAX_FDS_PER_MESSAGE, state)
+        else:
+            peer.sock.sendall(state)
+        peer.wait_byte(_ACK)
+        peer.sock.sendall(_EOF)
+        _recv_exact_into(peer.sock, memoryview(answer))
+        out.append(_TIME.unpack(answer)[0] - t0)
         peer.wait_byte(_READY)
     return out
 
@@ -211,12 +271,20 @@ def ping(peer: Peer, reps: int) -> list[int]:
     return out
 
 
-def unix_throughput(peer: Peer, nbytes: int, reps: int) -> list[int]:
-    """Elapsed ns of moving ``nbytes`` into fresh memory in the child, answer included."""
-    data = np.frombuffer(os.urandom(1 << 20), dtype=np.uint8)
-    src = np.resize(data, nbytes)  # non-zero bytes, faulted in before the clock
+def random_bytes(nbytes: int) -> np.ndarray:
+    """``nbytes`` of non-zero data, faulted in (made before any clock starts)."""
+    return np.resize(np.frombuffer(os.urandom(1 << 20), dtype=np.uint8), nbytes)
+
+
+def unix_throughput(peer: Peer, nbytes: int, reps: int, data: np.ndarray | None = None) -> list[int]:
+    """Elapsed ns of moving ``nbytes`` into fresh memory in the child, answer included.
+
+    ``data`` (at least ``nbytes``) saves making the source buffer again.
+    """
+    src = random_bytes(nbytes) if data is None else data[:nbytes]
     view = memoryview(src)
     peer.command(b"BYTE", 0, nbytes, reps)
+    peer.wait_byte(_READY)  # the child's memory is ready
     out = []
     for _ in range(reps):
         t0 = time.perf_counter_ns()
@@ -249,27 +317,81 @@ class HandoverProfile:
     source: str  # which rows (or probe) it was taken from
 
 
-def open_fd_kinds(n: int) -> list[int]:
-    """``n`` fds like a VM's backends: a memfd first, AF_UNIX sockets after."""
-    fds: list[int] = []
-    try:
+@dataclass(frozen=True)
+class FloorTap:
+    """A TAP the floors may open queues of: ``ifname`` in namespace ``netns``, ``queues`` queues."""
+
+    ifname: str
+    netns: str
+    queues: int
+
+
+class BackendFds:
+    """Open fds of the kinds a VM hands over, and whatever keeps them what they are.
+
+    :meth:`whole_vm`: a memfd, a TAP queue (when a TAP is given), then
+    connected AF_UNIX sockets (their peers kept open here, so they stay
+    connected). :meth:`queues`: what fd-count hands over, queues of a
+    multi-queue TAP or else listening AF_UNIX sockets. Everything is closed
+    by :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self._keep: list[int] = []
+
+    def whole_vm(self, n: int, tap: FloorTap | None) -> list[int]:
+        out: list[int] = []
         if n:
-            fds.append(os.memfd_create("migfd-floor", os.MFD_CLOEXEC))
-        while len(fds) < n:
+            out.append(self._own(os.memfd_create("migfd-floor", os.MFD_CLOEXEC)))
+        if len(out) < n and tap is not None:
+            out.append(self._own(open_tap_queues(tap.ifname, 1, netns=tap.netns)[0]))
+        while len(out) < n:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            fds.append(a.detach())
-            if len(fds) < n:
-                fds.append(b.detach())
-            else:
-                b.close()
-    except BaseException:
-        close_fds(fds)
-        raise
-    return fds
+            out.append(self._own(a.detach()))
+            self._keep.append(b.detach())
+        return out
+
+    def queues(self, n: int, tap: FloorTap | None) -> list[int]:
+        if tap is not None and tap.queues >= n:
+            return [self._own(fd) for fd in open_tap_queues(tap.ifname, n, netns=tap.netns)]
+        out = []
+        for _ in range(n):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind("")  # an abstract address the kernel picks: nothing to clean up
+            sock.listen(1)
+            out.append(self._own(sock.detach()))
+        return out
+
+    def _own(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        close_fds(self.fds + self._keep)
+        self.fds, self._keep = [], []
+
+    def __enter__(self) -> "BackendFds":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _median(values: list[int]) -> int:
     return int(statistics.median(values))
+
+
+#: the bytes moved over all repetitions of one throughput point, at least
+THROUGHPUT_BYTES_PER_POINT = 4 * GiB
+THROUGHPUT_REPS = (2, 16)
+
+
+def throughput_reps(nbytes: int, budget: int = THROUGHPUT_BYTES_PER_POINT) -> int:
+    """Repetitions of a throughput point: a small copy is over quickly and moves
+    most between runs, so it gets more (within :data:`THROUGHPUT_REPS`)."""
+    low, high = THROUGHPUT_REPS
+    return max(low, min(high, budget // max(nbytes, 1)))
 
 
 @dataclass
@@ -277,50 +399,51 @@ class FloorConfig:
     """How many fds, bytes and repetitions each floor measurement uses."""
 
     fd_counts: tuple[int, ...] = (1, 16, 64, 256)
-    roundtrip_reps: int = 200
-    throughput_bytes: int = 256 * MiB
-    throughput_reps: int = 3
+    #: round trips are tens of µs and move with the machine's load: many of them
+    roundtrip_reps: int = 500
+    #: the sizes of the copies the throughput floor is compared with
+    throughput_sizes: tuple[int, ...] = (256 * MiB,)
+    throughput_budget: int = THROUGHPUT_BYTES_PER_POINT
     memcpy_bytes: int = 256 * MiB
     memcpy_reps: int = 5
+    #: where TAP queues come from (None: no TAP on this machine)
+    tap: FloorTap | None = None
 
 
 def floor_rows(trial: int, cfg: FloorConfig, profile: HandoverProfile | None) -> Iterator[dict]:
     """One trial of every floor; yields rows (``scenario``/``mode``/``trial`` filled by the caller)."""
+    queue_kind = "tap" if cfg.tap is not None and cfg.tap.queues >= max(cfg.fd_counts) else "socket"
     with Peer() as peer:
         # warm up both processes (imports, first page faults, socket buffers)
         ping(peer, 20)
         base = _median(ping(peer, cfg.roundtrip_reps))
         yield {"variant": "ping", "backend": "socket", "n_fds": 0, "ram_bytes": 1,
                "total_ns": base, "value": base, "unit": "ns"}
-        null = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(max(cfg.fd_counts))]
-        try:
+        with BackendFds() as backends:
+            fds = backends.queues(max(cfg.fd_counts), cfg.tap if queue_kind == "tap" else None)
             for n in cfg.fd_counts:
-                rtt = _median(fd_roundtrip(peer, null[:n], cfg.roundtrip_reps))
-                yield {"variant": "fd-roundtrip", "backend": "socket", "n_fds": n, "ram_bytes": n,
+                rtt = _median(fd_roundtrip(peer, fds[:n], cfg.roundtrip_reps))
+                yield {"variant": "fd-roundtrip", "backend": queue_kind, "n_fds": n, "ram_bytes": n,
                        "total_ns": rtt, "fds_passed": n,
                        "fd_messages": -(-n // MAX_FDS_PER_MESSAGE),
                        "value": (rtt - base) / n, "unit": "ns/fd"}
-        finally:
-            close_fds(null)
-        elapsed = _median(unix_throughput(peer, cfg.throughput_bytes, cfg.throughput_reps))
-        yield {"variant": "unix-throughput", "backend": "socket", "ram_bytes": cfg.throughput_bytes,
-               "total_ns": elapsed, "bytes_sent": cfg.throughput_bytes,
-               "value": cfg.throughput_bytes / elapsed * 1e9, "unit": "bytes/s"}
+        data = random_bytes(max(cfg.throughput_sizes))
+        for size in cfg.throughput_sizes:
+            elapsed = _median(unix_throughput(peer, size, throughput_reps(size, cfg.throughput_budget), data))
+            yield {"variant": "unix-throughput", "backend": "socket", "ram_bytes": size,
+                   "total_ns": elapsed, "bytes_sent": size, "value": size / elapsed * 1e9, "unit": "bytes/s"}
+        del data
         if profile is not None:
-            fds = open_fd_kinds(profile.n_fds)
-            try:
+            with BackendFds() as backends:
+                fds = backends.whole_vm(profile.n_fds, cfg.tap)
                 state = os.urandom(profile.device_state_bytes)
-                # One sendmsg with every byte and every fd (up to SCM_MAX_FD): the least possible.
-                rtt = _median(fd_roundtrip(peer, fds, cfg.roundtrip_reps, batch=SCM_MAX_FD,
-                                           prefix=state, op=b"HAND"))
-            finally:
-                close_fds(fds)
+                elapsed = _median(handover(peer, state, fds, cfg.roundtrip_reps))
             yield {"variant": "handover-floor", "backend": profile.backend, "n_fds": profile.n_fds,
                    "device_state_bytes": profile.device_state_bytes,
                    "ram_bytes": profile.device_state_bytes + profile.n_fds,
-                   "bytes_sent": profile.device_state_bytes + profile.n_fds,
-                   "fds_passed": profile.n_fds, "fd_messages": 1 if profile.n_fds else 0,
-                   "total_ns": rtt, "downtime_ns": rtt, "value": rtt, "unit": "ns"}
+                   "bytes_sent": profile.device_state_bytes + profile.n_fds + 1,
+                   "fds_passed": profile.n_fds, "fd_messages": -(-profile.n_fds // MAX_FDS_PER_MESSAGE),
+                   "total_ns": elapsed, "downtime_ns": elapsed, "value": elapsed, "unit": "ns"}
     elapsed = _median(memcpy(cfg.memcpy_bytes, cfg.memcpy_reps))
     yield {"variant": "memcpy", "backend": "ram", "ram_bytes": cfg.memcpy_bytes, "total_ns": elapsed,
            "value": cfg.memcpy_bytes / elapsed * 1e9, "unit": "bytes/s"}

@@ -1,7 +1,10 @@
 """What ``metadata.json`` records about a benchmark run: code, machine, load, packages, times.
 
 The keys are described in docs/RESULTS.md; everything here is read from the
-system (git, /proc, package metadata), nothing is measured.
+system (git, /proc, /sys, package metadata), nothing is measured but the CPU
+use of other processes, sampled over half a second at the start and the end:
+what could bias a run (load, frequency governor, busy neighbours, socket
+buffer limits) is written down beside its numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +107,73 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+#: sysctls that bound what an AF_UNIX socket can hold in flight (fd-passing and state copy alike)
+SOCKET_SYSCTLS = ("net.core.rmem_max", "net.core.wmem_max", "net.core.rmem_default", "net.core.wmem_default",
+                  "net.core.optmem_max", "net.unix.max_dgram_qlen")
+
+
+def socket_limits() -> dict[str, int | None]:
+    """The kernel's socket buffer limits, from /proc/sys (None where unreadable)."""
+    out: dict[str, int | None] = {}
+    for name in SOCKET_SYSCTLS:
+        try:
+            out[name] = int(Path("/proc/sys", *name.split(".")).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            out[name] = None
+    return out
+
+
+def cpu_governors() -> dict[str, int] | None:
+    """CPU frequency governors and how many CPUs use each ({"performance": 2}); None where unreadable
+    (virtual machines often have no cpufreq)."""
+    found: dict[str, int] = {}
+    for path in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/scaling_governor")):
+        try:
+            name = path.read_text().strip()
+        except OSError:
+            continue
+        found[name] = found.get(name, 0) + 1
+    return found or None
+
+
+def _cpu_ticks() -> dict[int, tuple[str, int, int]]:
+    """pid -> (comm, ppid, utime + stime in clock ticks) of every process readable now."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        try:
+            out[int(entry)] = (comm, int(fields[1]), int(fields[11]) + int(fields[12]))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def busy_processes(sample_s: float = 0.5, top: int = 5) -> list[dict[str, Any]]:
+    """The processes other than this one and its children that used the CPU over ``sample_s``,
+    busiest first: [{"pid", "comm", "cpu_percent"}] (percent of one CPU, at least 1%)."""
+    me = os.getpid()
+    before = _cpu_ticks()
+    time.sleep(sample_s)
+    after = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    used = []
+    for pid, (comm, ppid, ticks) in after.items():
+        if pid == me or ppid == me or pid not in before:
+            continue
+        percent = (ticks - before[pid][2]) / hz / sample_s * 100
+        if percent >= 1.0:
+            used.append({"pid": pid, "comm": comm, "cpu_percent": round(percent, 1)})
+    return sorted(used, key=lambda p: -p["cpu_percent"])[:top]
+
+
 def base_metadata(args: argparse.Namespace, start: dt.datetime, out: Path, names: list[str]) -> dict:
     """metadata.json as written at the start of a run; the runner fills in the rest."""
     revision = _git("rev-parse", "HEAD")
@@ -123,6 +194,9 @@ def base_metadata(args: argparse.Namespace, start: dt.datetime, out: Path, names
         "packages": package_versions(),
         "euid": os.geteuid(),
         "loadavg_start": list(os.getloadavg()),
+        "busy_processes_start": busy_processes(),
+        "cpu_governor": cpu_governors(),
+        "socket_limits": socket_limits(),
         "start": iso(start),
         "end": None,
         "duration_s": None,

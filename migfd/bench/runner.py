@@ -5,7 +5,9 @@ Rows are written and flushed one by one, so an interrupted run keeps what it
 measured; metadata.json is written at the start and rewritten at the end.
 
 For each scenario the runner walks the planned trials in order (fd-passing
-and state copy alternate trial by trial) with a progress bar on stderr. A
+and state copy alternate trial by trial) with a progress bar on stderr, and
+adds rounds to a point until its median is precise, up to a cap
+(:mod:`migfd.bench.adaptive`). A
 trial's ``prepare`` (fresh source/destination pair) runs before its clock
 starts; when a scenario allows it, the next trial is prepared while the
 previous one is being verified and torn down, both off the clock, and the
@@ -33,18 +35,23 @@ from typing import Any
 
 from tqdm import tqdm
 
+from migfd.bench.adaptive import Schedule
 from migfd.bench.metadata import (
-    base_metadata, checkout_root, iso, meminfo, source_digest, utc_now, write_json,
+    base_metadata, busy_processes, checkout_root, iso, meminfo, source_digest, utc_now, write_json,
 )
 from migfd.bench.registry import SCENARIO_NAMES, all_scenarios
 from migfd.bench.scenario import BenchContext, Plan, Scenario, Trial, TrialSpec
+from migfd.bench.timelines import TimelineWriter
+from migfd.errors import MigrationError
+from migfd.peers.qemu import QEMU_ENV, find_qemus, requested_qemus
 
 #: results.csv columns, in order (docs/RESULTS.md)
 COLUMNS = (
-    "scenario", "mode", "variant", "backend", "ram_bytes", "n_fds", "dirty_rate_bytes_s", "live",
+    "trial_id", "scenario", "mode", "variant", "backend", "ram_bytes", "n_fds", "dirty_rate_bytes_s", "live",
     "trial", "downtime_ns", "total_ns", "setup_ns", "bytes_sent", "device_state_bytes", "fds_passed",
     "fd_messages", "frames_sent", "frames_lost", "frames_duplicated", "max_gap_ns", "lines_sent",
-    "lines_lost", "reconnects", "stop_resume_ns", "value", "unit", "ok", "error",
+    "lines_lost", "reconnects", "stop_resume_ns", "value", "unit", "peer_version", "device_sections",
+    "ok", "error",
 )
 
 
@@ -94,19 +101,31 @@ def failed_row(spec: TrialSpec, step: str, exc: BaseException) -> dict:
 
 
 class Run:
-    def __init__(self, ctx: BenchContext, writer: ResultsWriter, debug: bool = False):
+    def __init__(self, ctx: BenchContext, writer: ResultsWriter, debug: bool = False,
+                 timelines: TimelineWriter | None = None):
         self.ctx = ctx
         self.writer = writer
         self.debug = debug
+        self.timelines = timelines
+        #: rows written per scenario, for trial ids ("ram-size-0042")
+        self.row_counts: dict[str, int] = {}
         #: wall-clock seconds per step of the current scenario (where a run's time goes)
         self.step_s: dict[str, float] = {}
+        #: the current scenario's trials, planned and added (migfd.bench.adaptive)
+        self.schedule: Schedule | None = None
 
     def _account(self, step: str, t0: float) -> None:
         self.step_s[step] = self.step_s.get(step, 0.0) + time.monotonic() - t0
 
     def emit(self, rows: list[dict], bar: tqdm) -> None:
         for row in rows:
+            n = self.row_counts.get(row["scenario"], 0)
+            self.row_counts[row["scenario"]] = n + 1
+            row["trial_id"] = f"{row['scenario']}-{n:04d}"
             self.writer.write(row)
+            problem = self.timelines.write(row) if self.timelines is not None else None
+            if problem:
+                self.ctx.warn(problem)
             self.ctx.rows.append(row)
         bar.update(1)
         bar.set_postfix(failed=self.writer.failed, refresh=False)
@@ -138,8 +157,20 @@ class Run:
                    unit="trial", dynamic_ncols=True, leave=True)
         pending: asyncio.Task | None = None
         previous: TrialSpec | None = None
+        # Trials beyond the plan until each point is precise (default mode only: --trials and
+        # --quick fix the count); the schedule decides once a group's rows are all in.
+        self.schedule = schedule = Schedule(plan.specs, ctx, adaptive=ctx.trials is None and not ctx.quick)
         try:
-            for spec in plan.specs:
+            while True:
+                if pending is not None and schedule.group_done():
+                    self.emit(await pending, bar)
+                    pending = None
+                spec = schedule.next()
+                if spec is None:
+                    break
+                if bar.total != schedule.total:
+                    bar.total = schedule.total
+                    bar.refresh()
                 trial = scenario.trial(spec, ctx)
                 overlap = (pending is not None and previous is not None
                            and scenario.overlap(previous, spec, ctx))
@@ -192,13 +223,13 @@ class Run:
 
 
 async def run_all(ctx: BenchContext, names: list[str], writer: ResultsWriter, meta: dict,
-                  meta_path: Path, debug: bool) -> None:
+                  meta_path: Path, debug: bool, timelines: TimelineWriter | None = None) -> None:
     # SIGTERM ends the run as Ctrl-C does: the current trial's processes are
     # killed, namespaces and files removed, the metadata written.
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    run = Run(ctx, writer, debug)
+    run = Run(ctx, writer, debug, timelines)
     for scenario in all_scenarios():
         if scenario.name not in names:
             continue
@@ -234,6 +265,9 @@ async def run_all(ctx: BenchContext, names: list[str], writer: ResultsWriter, me
             info["reason"] = f"scenario setup failed: {exc}"
             print(f"migfd bench: {scenario.name}: {info['reason']}", file=sys.stderr)
         info.update(scenario.metadata())
+        if run.schedule is not None:
+            info["trials_per_point"] = run.schedule.report()
+            run.schedule = None
         info["end"] = iso(utc_now())
         info["duration_s"] = round(time.monotonic() - t0, 1)
         # prepare and finish of consecutive trials may overlap: the sum can exceed duration_s
@@ -251,7 +285,8 @@ def main(args: argparse.Namespace) -> int:
     Optional attributes for tests and experiments (no command-line flags):
     ``ram_sizes`` (list of bytes, replaces the RAM sizes of ram-size and
     qemu-peer), ``extra_params`` (dict added to every migfd migrate-set-parameters),
-    ``debug`` (print tracebacks of failed trials).
+    ``debug`` (print tracebacks of failed trials). ``qemu`` (list of paths, the
+    ``--qemu`` options) and ``$MIGFD_QEMU`` add QEMUs to qemu-peer.
     """
     quick = bool(getattr(args, "quick", False))
     trials = getattr(args, "trials", None)
@@ -265,6 +300,12 @@ def main(args: argparse.Namespace) -> int:
         print("migfd bench: error: --trials must be at least 1", file=sys.stderr)
         return 2
     names = [n for n in SCENARIO_NAMES if n in names]
+    extra_qemus = requested_qemus(getattr(args, "qemu", None), os.environ.get(QEMU_ENV))
+    try:
+        qemus = find_qemus(extra_qemus)
+    except MigrationError as exc:
+        print(f"migfd bench: error: --qemu / ${QEMU_ENV}: {exc}", file=sys.stderr)
+        return 2
     start = utc_now()
     out = Path(args.out) if getattr(args, "out", None) else default_out(start)
     if (out / "results.csv").exists():
@@ -277,27 +318,33 @@ def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="migfd-bench-"))
     ctx = BenchContext(quick=quick, trials=trials, tmp=tmp, mem_available=meminfo("MemAvailable"),
                        extra_params=dict(getattr(args, "extra_params", None) or {}),
-                       ram_sizes=getattr(args, "ram_sizes", None))
+                       ram_sizes=getattr(args, "ram_sizes", None), qemus=extra_qemus)
+    meta["options"]["qemu"] = extra_qemus
+    meta["qemus"] = [q.to_json() for q in qemus]  # every QEMU this run may use: system's, then given
     if ctx.extra_params:
         meta["options"]["extra_params"] = ctx.extra_params
     if ctx.ram_sizes:
         meta["options"]["ram_sizes"] = ctx.ram_sizes
     writer = ResultsWriter(out / "results.csv")
+    timelines = TimelineWriter(out)
     t0 = time.monotonic()
     print(f"migfd bench: writing {out}", file=sys.stderr)
     status = 0
     try:
-        asyncio.run(run_all(ctx, names, writer, meta, meta_path, bool(getattr(args, "debug", False))))
+        asyncio.run(run_all(ctx, names, writer, meta, meta_path, bool(getattr(args, "debug", False)),
+                            timelines))
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         meta["interrupted"] = True
         status = 130 if isinstance(exc, KeyboardInterrupt) else 143
         print("migfd bench: interrupted", file=sys.stderr)
     finally:
         writer.close()
+        timelines.close()
         shutil.rmtree(tmp, ignore_errors=True)
         end = utc_now()
         meta["end"] = iso(end)
         meta["loadavg_end"] = list(os.getloadavg())
+        meta["busy_processes_end"] = busy_processes()
         meta["source_sha256_end"] = source_digest()
         if meta["source_sha256_end"] != meta["source_sha256"]:
             ctx.warn("migfd's source files changed while the run went on")

@@ -42,7 +42,8 @@ from migfd.net.netns import NetNamespace
 from migfd.net.tun import TUN_DEVICE_PATH
 from migfd.peers.migrate import MigrationResult, migrate
 from migfd.peers.process import VMProcess
-from migfd.peers.tapnet import create_persistent_tap, delete_tap
+from migfd.peers.tapnet import TAP_TXQLEN, create_persistent_tap, delete_tap
+from migfd.timeline import both_sides
 from migfd.units import GiB, KiB, MiB
 
 FD_PASSING = "fd-passing"
@@ -77,6 +78,7 @@ class BenchContext:
     mem_available: int
     extra_params: dict[str, Any] = field(default_factory=dict)
     ram_sizes: list[int] | None = None  # override of the RAM sizes (tests)
+    qemus: list[str] = field(default_factory=list)  # QEMU binaries beside the system's (--qemu, $MIGFD_QEMU)
     rows: list[dict] = field(default_factory=list)  # every row written so far
     warnings: dict[str, int] = field(default_factory=dict)
 
@@ -203,7 +205,7 @@ class TapScenario(Scenario):
         assert self.netns is not None, "setup() first"
         self._taps_made += 1
         ifname = f"{self.tap_prefix}{self._taps_made}"
-        create_persistent_tap(self.netns, ifname, queues=queues)
+        create_persistent_tap(self.netns, ifname, queues=queues, txqlen=TAP_TXQLEN)
         return ifname
 
     def remove_tap(self, ifname: str | None) -> None:
@@ -374,6 +376,10 @@ class VMTrial(Trial):
             "device_state_bytes": src.get("x-device-state-bytes"),
             "fds_passed": src.get("x-fds-passed"), "fd_messages": src.get("x-fd-messages"),
         })
+        # Both sides' phases on the source's clock; a failed migration keeps what it recorded.
+        timeline = both_sides(src.get("x-timeline"), result.destination.get("x-timeline"))
+        if timeline:
+            row["timeline"] = timeline
         row.update(self.traffic_fields(measured))
         errors = []
         if src.get("status") != "completed":

@@ -1,9 +1,10 @@
 """What every device of a migfd VM is: a backend, a guest workload, a vmstate.
 
-A device owns its backend fds. Its guest workload runs in a thread that parks
-whenever the VM stops (:class:`RunControl`); once parked it touches no
-backend, which is what lets a stopped source hand the very same kernel
-objects to the destination without losing or duplicating anything.
+A device owns its backend fds. Its guest workload runs in a thread that
+touches its backend only during a turn, and the VM holds every turn while it
+is stopped (:class:`RunControl`): a stopped guest touches no backend, which
+is what lets a stopped source hand the very same kernel objects to the
+destination without losing or duplicating anything.
 
 Migration calls, on the source: :meth:`Device.save_state` (with or without
 handover), :meth:`Device.detach` / :meth:`Device.reattach` around a state
@@ -14,105 +15,197 @@ copy, :meth:`Device.release` after the commit point; on the destination:
 from __future__ import annotations
 
 import os
+import select
 import threading
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from migfd.errors import MigrationError
 from migfd.fds import close_fd
 from migfd.stream import VMStateDescription
 
 
-class RunControl:
-    """Runs and parks the guest threads of one VM; QEMU's vm_start/vm_stop.
+class GuestThread:
+    """One guest thread's handle: it touches its backends only inside :meth:`turn`.
 
-    Guest threads call :meth:`checkpoint` at the top of each loop and poll
-    :attr:`wake_fd` beside their own fds, so :meth:`pause` wakes them at once
-    and returns only when every one of them is parked.
+    While the VM is stopped the controller holds the thread's turn lock, so
+    the thread blocks at its next turn, wherever it is: stopping it is one
+    uncontended lock acquisition when it is idle (blocked in poll), and waits
+    for the end of its current turn otherwise; a thread that may be preempted
+    while it holds a turn delays a stop by as much, which is why turns are
+    short (one frame, one page). A thread polls, outside any
+    turn, on its backends and on :attr:`wake_fd`; the controller signals
+    ``wake_fd`` when the thread must look again (resume: backends may have
+    changed; quit).
     """
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._running = False
-        self._quit = False
-        self._threads = 0
-        self._parked = 0
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    def __init__(self, ctl: "RunControl", lock: threading.Lock):
+        self._ctl = ctl
+        self._lock = lock
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._polling = threading.Condition()
+        self._in_poll = False
+        self.thread: threading.Thread | None = None
 
     @property
     def wake_fd(self) -> int:
-        return self._wake_r
+        return self._wake
+
+    @property
+    def stop_requested(self) -> bool:
+        """The VM wants to stop: a long turn ends early (the stop waits for it)."""
+        return not self._ctl.running
+
+    @contextmanager
+    def turn(self) -> Iterator[bool]:
+        """Blocks while the VM is stopped; yields False when the thread must exit."""
+        self._lock.acquire()
+        try:
+            yield not self._ctl.quitting
+        finally:
+            self._lock.release()
+
+    def enter(self) -> bool:
+        """:meth:`turn` without the context manager, for one frame or page at a time:
+        blocks while the VM is stopped; False (and no turn) when the thread must exit.
+        A turn entered must be left with :meth:`leave`."""
+        self._lock.acquire()
+        if self._ctl.quitting:
+            self._lock.release()
+            return False
+        return True
+
+    def leave(self) -> None:
+        self._lock.release()
+
+    @property
+    def quitting(self) -> bool:
+        return self._ctl.quitting
+
+    def poll(self, poller: select.poll, timeout_ms: float) -> list[tuple[int, int]]:
+        """The thread's wait for work, outside its turn (see :meth:`leave_poll`)."""
+        with self._polling:
+            self._in_poll = True
+        try:
+            return poller.poll(timeout_ms)
+        finally:
+            with self._polling:
+                self._in_poll = False
+                self._polling.notify_all()
+
+    def leave_poll(self, timeout_s: float = 10.0) -> None:
+        """Wake the thread out of :meth:`poll` and wait until it has left it.
+
+        A poll holds a reference to every file it watches: a backend closed
+        while its thread polls it stays open (a TAP stays attached, a client
+        sees no EOF) until the poll returns.
+        """
+        self.wake()
+        with self._polling:
+            if not self._polling.wait_for(lambda: not self._in_poll, timeout_s):
+                raise MigrationError(f"a guest thread did not leave poll within {timeout_s} s")
+
+    def drain(self) -> None:
+        """Consume the wake-up (call when poll reported :attr:`wake_fd` readable)."""
+        try:
+            os.eventfd_read(self._wake)
+        except (BlockingIOError, OSError):
+            pass
+
+    def wake(self) -> None:
+        if self._wake >= 0:
+            try:
+                os.eventfd_write(self._wake, 1)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._wake = close_fd(self._wake)
+
+
+class RunControl:
+    """Runs and stops the guest threads of one VM; QEMU's vm_start/vm_stop.
+
+    Each guest thread has a turn lock (:class:`GuestThread`) that the
+    controller holds while the VM is stopped: :meth:`pause` returns once it
+    holds every one, and from then on no guest thread touches a backend.
+    """
+
+    def __init__(self) -> None:
+        self._state = threading.Lock()  # guards the fields below
+        self._running = False
+        self.quitting = False
+        self._guests: list[GuestThread] = []
+        self._locks: list[threading.Lock] = []
+        self._threads: list[threading.Thread] = []
 
     @property
     def running(self) -> bool:
         return self._running
 
-    def spawn(self, name: str, target, *args) -> threading.Thread:
-        """Start a guest thread; it counts as parked until the VM runs."""
-        with self._cond:
-            self._threads += 1
-
-        def body() -> None:
-            try:
-                target(*args)
-            finally:
-                with self._cond:
-                    self._threads -= 1
-                    self._cond.notify_all()
-
-        thread = threading.Thread(target=body, name=name, daemon=True)
+    def spawn(self, name: str, target, *args) -> GuestThread:
+        """Start a guest thread ``target(guest, *args)``; it waits for its first turn until the VM runs."""
+        lock = threading.Lock()
+        with self._state:
+            if not self._running:
+                lock.acquire()  # a stopped VM holds every turn
+            guest = GuestThread(self, lock)
+            self._guests.append(guest)
+            self._locks.append(lock)
+        thread = threading.Thread(target=target, args=(guest, *args), name=name, daemon=True)
+        guest.thread = thread
+        self._threads.append(thread)
         thread.start()
-        return thread
-
-    def checkpoint(self) -> bool:
-        """Park while the VM is stopped; False when the thread must exit."""
-        if self._running:
-            return True
-        with self._cond:
-            self._parked += 1
-            self._cond.notify_all()
-            while not self._running and not self._quit:
-                self._cond.wait()
-            self._parked -= 1
-            return not self._quit
+        return guest
 
     def pause(self, timeout_s: float = 10.0) -> None:
-        with self._cond:
+        """Stop every guest thread: returns when none can touch a backend any more."""
+        with self._state:
+            if not self._running:
+                return
             self._running = False
-            self._poke()
-            if not self._cond.wait_for(lambda: self._parked >= self._threads, timeout_s):
+            locks = list(self._locks)
+        deadline = time.monotonic() + timeout_s
+        taken: list[threading.Lock] = []
+        for lock in locks:
+            if not lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+                for held in taken:
+                    held.release()
+                with self._state:
+                    self._running = True
                 raise MigrationError(f"guest threads did not stop within {timeout_s} s")
+            taken.append(lock)
 
     def resume(self) -> None:
-        with self._cond:
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
+        with self._state:
+            if self._running:
+                return
             self._running = True
-            self._cond.notify_all()
+            guests = list(self._guests)
+            locks = list(self._locks)
+        # Threads blocked in poll look at their backends again (a destination's
+        # backends arrived while they waited); woken first, they wait at their
+        # turn, which the releases below give them.
+        for guest in guests:
+            guest.wake()
+        for lock in locks:
+            lock.release()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Make every guest thread exit and wait for it."""
-        with self._cond:
-            self._quit = True
-            self._running = False
-            self._poke()
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: self._threads == 0, timeout_s)
-
-    def _poke(self) -> None:
-        if self._wake_w < 0:
-            return  # closed: no thread is left to wake
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # already poked
+        self.quitting = True
+        self.resume()  # a stopped thread must get its turn to see that it quits
+        for guest in list(self._guests):
+            guest.wake()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
 
     def close(self) -> None:
         self.shutdown()
-        self._wake_r = close_fd(self._wake_r)
-        self._wake_w = close_fd(self._wake_w)
+        for guest in self._guests:
+            guest.close()
 
 
 class Device:
@@ -126,6 +219,13 @@ class Device:
         self.id = id
         #: the device *can* hand its backend over (backend-transfer=on)
         self.backend_transfer = backend_transfer
+        #: this device's guest threads (see start_guest)
+        self.guests: list[GuestThread] = []
+
+    def leave_polls(self) -> None:
+        """Make the guest threads drop the backend files their polls still hold (after closing them)."""
+        for guest in self.guests:
+            guest.leave_poll()
 
     @property
     def section_name(self) -> str:
@@ -143,7 +243,7 @@ class Device:
         raise NotImplementedError
 
     def start_guest(self, ctl: RunControl) -> None:
-        """Start this device's guest thread(s) under ``ctl``."""
+        """Start this device's guest thread(s) under ``ctl`` (each one is given its :class:`GuestThread`)."""
         raise NotImplementedError
 
     def save_state(self, handover: bool) -> dict[str, Any]:

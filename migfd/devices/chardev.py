@@ -14,7 +14,7 @@ import select
 import socket
 from typing import Any
 
-from migfd.devices.base import Device, RunControl
+from migfd.devices.base import Device, GuestThread, RunControl
 from migfd.errors import MigrationError
 from migfd.units import KiB
 from migfd.stream import Bool, Fd, Subsection, UInt64, VBuffer, VMStateDescription
@@ -92,22 +92,28 @@ class ChardevSocket(Device):
     # -- guest workload --------------------------------------------------------
 
     def start_guest(self, ctl: RunControl) -> None:
-        ctl.spawn(f"guest-chardev-{self.id}", self._echo_loop, ctl)
+        self.guests.append(ctl.spawn(f"guest-chardev-{self.id}", self._echo_loop))
 
-    def _echo_loop(self, ctl: RunControl) -> None:
-        while ctl.checkpoint():
+    def _echo_loop(self, guest: GuestThread) -> None:
+        while True:
             poller = select.poll()
-            poller.register(ctl.wake_fd, select.POLLIN)
+            poller.register(guest.wake_fd, select.POLLIN)
             sock = self.client if self.client is not None else self.listener
             if sock is not None:
                 poller.register(sock.fileno(), select.POLLIN)
-            for fd, _ in poller.poll(1000):
-                if fd == ctl.wake_fd or sock is None:
-                    continue
-                if sock is self.listener:
-                    self._accept()
-                else:
-                    self._serve()
+            ready = guest.poll(poller, 1000)
+            with guest.turn() as alive:
+                if not alive:
+                    return
+                for fd, _ in ready:
+                    if fd == guest.wake_fd:
+                        guest.drain()
+                    elif sock is None:
+                        continue
+                    elif sock is self.listener and self.client is None:
+                        self._accept()
+                    elif sock is self.client:  # not a socket that left while we waited
+                        self._serve()
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -154,7 +160,8 @@ class ChardevSocket(Device):
                 "client_fd": self.client.fileno() if handover and self.client else None}
 
     def detach(self) -> None:
-        self.close()  # the client sees EOF now; it reconnects to the destination
+        self.close()
+        self.leave_polls()  # the client sees EOF now (no poll holds the socket); it reconnects
 
     def reattach(self) -> None:
         if self.listener is None:

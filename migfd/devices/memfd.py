@@ -26,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from migfd.devices.base import Device, RunControl
+from migfd.devices.base import Device, GuestThread, RunControl
 from migfd.errors import MigrationError
 from migfd.fds import close_fd
 from migfd.stream import TARGET_PAGE_SIZE, Fd, Subsection, UInt64, VMStateDescription
 
 PAGE = TARGET_PAGE_SIZE
+#: madvise(2) advice that allocates every page of a range for writing (Linux 5.14)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _ZERO = bytes(PAGE)
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -120,22 +122,28 @@ class MemoryBackendMemfd(Device):
 
     def start_guest(self, ctl: RunControl) -> None:
         if self.dirty_rate_bytes_s > 0:
-            ctl.spawn(f"guest-ram-{self.id}", self._dirtier, ctl)
+            self.guests.append(ctl.spawn(f"guest-ram-{self.id}", self._dirtier))
 
-    def _dirtier(self, ctl: RunControl) -> None:
+    def _dirtier(self, guest: GuestThread) -> None:
         pages_per_s = max(1, self.dirty_rate_bytes_s // PAGE)
         batch = max(1, pages_per_s // 1000)  # ~1 ms of work between checks
         interval_s = batch / pages_per_s
         poller = select.poll()
-        poller.register(ctl.wake_fd, select.POLLIN)
+        poller.register(guest.wake_fd, select.POLLIN)
         next_t = time.monotonic()
-        while ctl.checkpoint():
+        while True:
             for _ in range(batch):
-                self.stamp(self._rng.randrange(self.table_pages, self.npages))
+                if not guest.enter():  # a turn per page: a stop waits for one page at most
+                    return
+                try:
+                    self.stamp(self._rng.randrange(self.table_pages, self.npages))
+                finally:
+                    guest.leave()
             next_t += interval_s
             delay = next_t - time.monotonic()
             if delay > 0:
-                poller.poll(delay * 1000)
+                if guest.poll(poller, delay * 1000):
+                    guest.drain()
             elif delay < -1.0:
                 next_t = time.monotonic()  # fell behind (stopped): do not burst
 
@@ -256,8 +264,19 @@ class MemoryBackendMemfd(Device):
                 "fd": self.fd if handover else None}
 
     def prepare_incoming_copy(self) -> None:
-        """Destination copying state: a fresh memfd the pages are written into."""
+        """Destination copying state: a fresh memfd the pages are written into.
+
+        Its pages are allocated at once (MADV_POPULATE_WRITE), not one page
+        fault per page as they arrive: in bulk the kernel allocates them
+        several times faster, and this happens at RAM START, while the source
+        still runs.
+        """
         self._create()
+        assert self.map is not None
+        try:
+            self.map.madvise(MADV_POPULATE_WRITE)
+        except OSError:
+            pass  # kernel before 5.14: the pages fault in as they are written
 
     def load_state(self, state: dict[str, Any], received_fds: tuple[int, ...]) -> None:
         if state["size"] != self.size:

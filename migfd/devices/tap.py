@@ -16,7 +16,7 @@ import os
 import select
 from typing import Any
 
-from migfd.devices.base import Device, RunControl
+from migfd.devices.base import Device, GuestThread, RunControl
 from migfd.errors import MigrationError
 from migfd.fds import close_fd
 from migfd.net import ethernet, netns, tun
@@ -25,8 +25,8 @@ from migfd.stream.vmstate import (
 )
 
 MAX_FRAME = 65536 + 64
-#: frames handled between two checks of the run state
-FRAMES_PER_TURN = 64
+#: frames handled between two polls
+FRAMES_PER_WAKE = 64
 
 _BACKEND = VMStateDescription(
     "tap/backend", version_id=1, minimum_version_id=1,
@@ -100,33 +100,45 @@ class TapNetdev(Device):
     # -- guest workload ------------------------------------------------------
 
     def start_guest(self, ctl: RunControl) -> None:
-        ctl.spawn(f"guest-tap-{self.id}", self._echo_loop, ctl)
+        self.guests.append(ctl.spawn(f"guest-tap-{self.id}", self._echo_loop))
 
-    def _echo_loop(self, ctl: RunControl) -> None:
+    def _echo_loop(self, guest: GuestThread) -> None:
         hdr = self.vnet_hdr_size if self.vnet_hdr else 0
-        while ctl.checkpoint():
-            fds = list(self.fds)
+        while not guest.quitting:
             poller = select.poll()
-            poller.register(ctl.wake_fd, select.POLLIN)
-            for fd in fds:
+            poller.register(guest.wake_fd, select.POLLIN)
+            for fd in self.fds:
                 poller.register(fd, select.POLLIN)
-            for fd, _ in poller.poll(1000):
-                if fd == ctl.wake_fd:
+            for fd, _ in guest.poll(poller, 1000):
+                if fd == guest.wake_fd:
+                    guest.drain()
                     continue
-                # Read and echo frame by frame: a frame read is always echoed
-                # before the thread can park, so a stop never swallows one.
-                for _ in range(FRAMES_PER_TURN):
+                # One turn per frame: a frame read is echoed within its turn, so
+                # a stop never swallows one and never waits for more than one.
+                for _ in range(FRAMES_PER_WAKE):
+                    if not guest.enter():
+                        return
                     try:
-                        frame = os.read(fd, MAX_FRAME)
-                    except BlockingIOError:
-                        break
-                    except OSError:
-                        break  # queue detached under us (state copy); next turn sees it
-                    try:
-                        os.write(fd, frame[:hdr] + ethernet.echo_frame(frame[hdr:]))
-                        self.frames_echoed += 1
-                    except OSError:
-                        self.write_errors += 1
+                        # not a queue that left while we waited; else one frame
+                        if fd not in self.fds or not self._echo_one(fd, hdr):
+                            break
+                    finally:
+                        guest.leave()
+
+    def _echo_one(self, fd: int, hdr: int) -> bool:
+        """Read one frame and echo it; False when the queue has none (or is gone)."""
+        try:
+            frame = os.read(fd, MAX_FRAME)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return False  # queue detached under us (state copy); the next poll sees it
+        try:
+            os.write(fd, frame[:hdr] + ethernet.echo_frame(frame[hdr:]))
+            self.frames_echoed += 1
+        except OSError:
+            self.write_errors += 1
+        return True
 
     # -- migration ------------------------------------------------------------
 
@@ -138,6 +150,7 @@ class TapNetdev(Device):
 
     def detach(self) -> None:
         self.close()
+        self.leave_polls()  # the queue detaches only when no poll holds it
 
     def reattach(self) -> None:
         if not self.fds:
@@ -168,10 +181,19 @@ class TapNetdev(Device):
 
 
 def validate_tap_fd(fd: int, ifname: str, multi_queue: bool, device: str) -> None:
-    """A handed-over TAP fd must be a tun/tap fd attached to the expected interface."""
-    if not tun.is_tap_fd(fd):
+    """A handed-over TAP fd must be a tun/tap fd attached to the expected interface.
+
+    One fstat (so the ioctl only ever reaches the tun device) and one
+    TUNGETIFF per fd: this runs once per queue, inside the downtime.
+    """
+    info = None
+    if tun.is_tun_fd(fd):
+        try:
+            info = tun.tap_info(fd)
+        except OSError:
+            info = None  # EBADFD: opened but never attached, or detached
+    if info is None or not info.flags & tun.IFF_TAP:
         raise MigrationError(f"netdev '{device}': received fd is not a TAP device")
-    info = tun.tap_info(fd)
     if info.ifname != ifname:
         raise MigrationError(f"netdev '{device}': received TAP is attached to {info.ifname}, expected {ifname}")
     if info.multi_queue != multi_queue:

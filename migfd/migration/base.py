@@ -18,6 +18,7 @@ from migfd.devices.base import Device
 from migfd.devices.memfd import PAGE, MemoryBackendMemfd
 from migfd.params import MigrationParameters
 from migfd.stream import Bool, UInt64, VMStateDescription
+from migfd.timeline import Timeline
 
 #: migfd's own section: when the source stopped the guest (CLOCK_MONOTONIC ns).
 MIGRATION_SECTION = "migfd-migration"
@@ -38,6 +39,10 @@ class MigrationStatus(str, enum.Enum):
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+
+
+#: the statuses after which a migration changes no more
+TERMINAL = (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED)
 
 
 @dataclass
@@ -62,6 +67,8 @@ class MigrationStats:
     bytes_sent: int = 0
     device_state_bytes: int = 0
     committed: bool = False
+    #: CPU time of the migration thread (CLOCK_THREAD_CPUTIME_ID), set when it ends
+    cpu_ns: int = 0
     #: connections to the incoming socket refused because of their peer's uid
     refused_connections: int = 0
     error: str | None = None
@@ -103,6 +110,8 @@ class MigrationStats:
         out["x-total-time-ns"] = now - self.start_ns
         if self.setup_done_ns:
             out["x-setup-time-ns"] = self.setup_done_ns - self.start_ns
+        if self.cpu_ns:
+            out["x-cpu-time-ns"] = self.cpu_ns
         if self.error:
             out["error-desc"] = self.error
         return out
@@ -126,6 +135,10 @@ class MigrationHost(Protocol):
 
     def set_runstate(self, runstate: str) -> None: ...
 
+    def hold_events(self) -> None: ...  # QMP events wait (with their time) ...
+
+    def release_events(self) -> None: ...  # ... until the switchover is over
+
 
 class MigrationBase:
     """What both directions share: status changes with events, the stats."""
@@ -135,6 +148,8 @@ class MigrationBase:
         self.vm = vm
         self.params = params
         self.stats = MigrationStats()
+        #: this side's phases (see migfd.timeline), reported by query-migrate once finished
+        self.timeline = Timeline()
         self._on_status = on_status
         self.thread: threading.Thread | None = None
         self.finished = threading.Event()
@@ -142,10 +157,28 @@ class MigrationBase:
         self.hook: Callable[[str], None] = lambda phase: None
 
     def set_status(self, status: MigrationStatus) -> None:
+        if status in TERMINAL:
+            # the timeline is complete before query-migrate can show the status
+            if not self.stats.end_ns:  # a completed source ended before its release
+                self.stats.end_ns = time.monotonic_ns()
+            if threading.current_thread() is self.thread:
+                self.stats.cpu_ns = time.thread_time_ns()
+            self.stats.status = status
+            self._on_status(status)
+            return
+        start = time.monotonic_ns()
         self.stats.status = status
-        if status in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED):
-            self.stats.end_ns = time.monotonic_ns()
-        self._on_status(status)
+        self._on_status(status)  # the MIGRATION event: its cost is part of the timeline
+        self.timeline.add(f"status:{status.value}", start, time.monotonic_ns())
+
+    def query(self) -> dict[str, Any]:
+        """query-migrate: the stats, and the timeline once the migration has ended."""
+        out = self.stats.to_qmp()
+        if self.stats.status in TERMINAL:
+            out["x-timeline"] = self.timeline.to_qmp()
+            if self.timeline.dropped:
+                out["x-timeline-dropped"] = self.timeline.dropped
+        return out
 
     @property
     def timeout_s(self) -> float:

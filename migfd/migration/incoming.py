@@ -36,13 +36,20 @@ from migfd.stream import (
     RamPage,
     RamPageRun,
     ReturnPathMessage,
+    SectionFooter,
     SectionFull,
+    SectionHeader,
     StreamReader,
     VMStateDescription,
 )
 from migfd.transport import Address, FileAddress, IncomingListener, open_incoming_file
 
 __all__ = ["IncomingMigration"]
+
+#: bytes fed to the reader from the channel before it parses them: every small
+#: message that arrived, but not more than about one full read of pages, which
+#: then is still in the CPU's cache when the reader copies it into guest RAM
+DRAIN_LIMIT_BYTES = 256 << 10
 
 log = logging.getLogger("migfd.migration")
 
@@ -65,10 +72,12 @@ class IncomingMigration(MigrationBase):
         self._states: dict[str, tuple[dict, tuple[int, ...]]] = {}
         self._loaded = False
         #: fds received in device sections and not yet adopted by a device
-        self._received: list[int] = []
+        self._received: set[int] = set()
         self.return_path = False
         self._by_section = {d.section_name: d for d in vm.devices}
         self._by_block = {d.block_id: d for d in self.ram_devices()}
+        #: when the RAM section being read began (None: not inside one)
+        self._ram_section_start: int | None = None
 
     def _count_refused(self) -> None:
         self.stats.refused_connections += 1
@@ -118,13 +127,16 @@ class IncomingMigration(MigrationBase):
                 assert isinstance(self.address, FileAddress)
                 self.file = open_incoming_file(self.address)
             self.file.settimeout(self.timeout_s)
+            self.file.timeline = self.timeline
             self.stats.setup_done_ns = time.monotonic_ns()
+            self.timeline.add("setup", self.stats.start_ns, self.stats.setup_done_ns)
             self.set_status(MigrationStatus.ACTIVE)
             self._load()
             self.set_status(MigrationStatus.COMPLETED)
         except Exception as exc:
             self._fail(exc)
         finally:
+            self.vm.release_events()
             self.reader.close()
             if self.file is not None:
                 self.file.close()
@@ -132,21 +144,58 @@ class IncomingMigration(MigrationBase):
 
     def _load(self) -> None:
         f = self.file
+        tl = self.timeline
+        reader = self.reader
         assert f is not None
-        while not self.reader.done:
-            data, fds = f.read_chunk()
-            self.stats.fds_passed += len(fds)
-            self.reader.receive_data(data, fds)
-            if not data:
-                self.reader.receive_eof()
-            for event in self.reader.events():
-                self._handle(event)
-            if not data:
+        # Each phase starts where the last one ended (a chain: no hole).
+        start = self.stats.setup_done_ns
+        while not reader.done:
+            got = f.read_chunk(block=False)
+            if got is None:
+                f.wait_readable()
+                waited = time.monotonic_ns()
+                if self._ram_section_start is None:
+                    tl.add("wait-data", start, waited)
+                start = waited
+                continue
+            # Everything that has arrived before parsing: a message that carried
+            # fds ends a read, and a reader fed one message at a time restarts a
+            # device section once per fd record.
+            end_of_stream = False
+            fed = 0
+            while got is not None:
+                data, fds = got
+                self.stats.fds_passed += len(fds)
+                reader.receive_data(data, fds)
+                if not data:
+                    reader.receive_eof()
+                    end_of_stream = True
+                    break
+                fed += len(data)
+                if fed >= DRAIN_LIMIT_BYTES:
+                    break
+                got = f.read_chunk(block=False)
+            parse_start = time.monotonic_ns()
+            # Inside a RAM section one phase covers the whole section ("load-ram"):
+            # a phase per read would be thousands for GiBs of pages.
+            outside_ram = self._ram_section_start is None
+            event_start = parse_start
+            for event in reader.events():
+                parsed = time.monotonic_ns()
+                self._handle(event, event_start, parsed)
+                event_start = time.monotonic_ns()
+            parsed = time.monotonic_ns()
+            if outside_ram or self._ram_section_start is None:
+                tl.add("recv", start, parse_start)
+                tl.add("parse", parse_start, parsed)
+            start = parsed
+            if end_of_stream:
                 break
         if not self.stats.committed:
             raise MigrationError("the stream ended before EOF")
 
-    def _handle(self, event: Event) -> None:
+    def _handle(self, event: Event, start_ns: int, parsed_ns: int) -> None:
+        """Act on one event; ``start_ns``..``parsed_ns`` is the time the reader took to parse it."""
         if isinstance(event, Configuration):
             if event.machine != self.vm.machine:
                 raise MigrationError(f"machine type '{event.machine}' of the source does not match "
@@ -157,7 +206,8 @@ class IncomingMigration(MigrationBase):
                 dev = self._by_block.get(block.id)
                 if dev is None or dev.size != block.length:
                     raise MigrationError(f"RAM block '{block.id}' of {block.length} bytes has no match here")
-                dev.prepare_incoming_copy()
+                with self.timeline.phase(f"ram-prepare:{block.id}"):
+                    dev.prepare_incoming_copy()
                 self.stats.ram_total += block.length
         elif isinstance(event, RamPageRun):
             self._by_block[event.block_id].write_pages(event.offsets, event.data)
@@ -172,18 +222,35 @@ class IncomingMigration(MigrationBase):
             else:
                 self.stats.normal_pages += 1
         elif isinstance(event, SectionFull):
+            self.timeline.add(f"load:{event.name}", start_ns, parsed_ns)
             if event.name in self._states:
                 raise MigrationError(f"section '{event.name}' arrived twice")
             self._states[event.name] = (event.state, event.fds)
-            self._received.extend(event.fds)
+            self._received.update(event.fds)
+        elif isinstance(event, SectionHeader):
+            self._ram_section_start = start_ns
+        elif isinstance(event, SectionFooter):
+            if self._ram_section_start is not None:
+                self.timeline.add("load-ram", self._ram_section_start, parsed_ns)
+            self._ram_section_start = None
         elif isinstance(event, CommandRecord):
             if event.command == Command.OPEN_RETURN_PATH:
                 self.return_path = True
+            elif event.command == Command.SWITCHOVER_START:
+                self.timeline.add("switchover-start", parsed_ns)
+                self.vm.hold_events()  # until the guest runs and the source knows it
+            elif event.command == Command.PING and not self._states:
+                # No device state yet: the PING that ends the source's setup.
+                self._reply(ReturnPathMessage.PONG, event.data)
             elif event.command == Command.PING:
+                # The acknowledgement the commit point waits for: only after every
+                # device loaded and validated its state.
                 self._load_devices()
                 self.hook("dest-loaded")
-                self._reply(ReturnPathMessage.PONG, event.data)
+                with self.timeline.phase("pong"):
+                    self._reply(ReturnPathMessage.PONG, event.data)
         elif isinstance(event, EndOfState):
+            self.timeline.add("eof", parsed_ns)
             self._load_devices()
             self.hook("dest-eof")
             self._resume()
@@ -199,20 +266,28 @@ class IncomingMigration(MigrationBase):
         missing = [name for name in self._by_section if name not in self._states]
         if missing or MIGRATION_SECTION not in self._states:
             raise MigrationError(f"device state missing for {', '.join(missing) or MIGRATION_SECTION}")
-        for dev in self.vm.devices:
-            state, fds = self._states[dev.section_name]
-            dev.load_state(state, fds)  # validates first; on success the device owns fds
-            self._received = [fd for fd in self._received if fd not in fds]
+        tl = self.timeline
+        with tl.phase("load-devices"):
+            for dev in self.vm.devices:
+                start = time.monotonic_ns()
+                state, fds = self._states[dev.section_name]
+                dev.load_state(state, fds)  # validates first; on success the device owns fds
+                self._received.difference_update(fds)
+                tl.add(f"post-load:{dev.section_name}", start, time.monotonic_ns())
         self.stats.stop_ns = self._states[MIGRATION_SECTION][0]["stop_ns"]
         self._loaded = True
 
     def _resume(self) -> None:
         self.stats.committed = True
+        start = time.monotonic_ns()
         if self._states[MIGRATION_SECTION][0]["running"]:
             self.stats.resume_ns = self.vm.vm_start()
         else:
             self.stats.resume_ns = self.vm.vm_start(paused=True)
-        self._reply(RP_RESUMED, struct.pack(">Q", self.stats.resume_ns))
+        self.timeline.add("resume", start, self.stats.resume_ns)
+        with self.timeline.phase("resumed-report"):
+            self._reply(RP_RESUMED, struct.pack(">Q", self.stats.resume_ns))
+        self.vm.release_events()
         try:
             self._reply(ReturnPathMessage.SHUT, struct.pack(">I", 0))
         except MigrationError:
@@ -229,7 +304,7 @@ class IncomingMigration(MigrationBase):
                 dev.close()
             for fd in self._received:
                 close_fd(fd)
-            self._received = []
+            self._received = set()
             try:
                 self._reply(ReturnPathMessage.SHUT, struct.pack(">I", 1))
             except MigrationError:

@@ -37,8 +37,13 @@ __all__ = ["BATCH_PAGES", "OutgoingMigration", "reattach_with_retry"]
 
 log = logging.getLogger("migfd.migration")
 
-#: pages per batch the source encodes at once (16 MiB): bounds the copy it makes
-BATCH_PAGES = 4096
+#: pages per batch the source encodes at once (1 MiB): small enough that the
+#: destination parses one batch while the source encodes the next, and bounds
+#: the copy the source makes
+BATCH_PAGES = 256
+#: kernel send buffer of the migration socket: room for several batches, so
+#: encoding on the source and parsing on the destination overlap
+SEND_BUFFER_BYTES = 4 << 20
 
 
 class OutgoingMigration(MigrationBase):
@@ -88,6 +93,7 @@ class OutgoingMigration(MigrationBase):
         except Exception as exc:  # every failure ends in _rollback, whatever it was
             self._rollback(exc)
         finally:
+            self.vm.release_events()
             if self.file is not None:
                 self.file.close()
             for fd in self.owned_fds:
@@ -103,6 +109,8 @@ class OutgoingMigration(MigrationBase):
     def _setup(self) -> None:
         self.file = connect_outgoing(self.address, self.params, timeout_s=self.timeout_s)
         self.file.settimeout(self.timeout_s)
+        self.file.set_send_buffer(SEND_BUFFER_BYTES)
+        self.file.timeline = self.timeline
         self.hook("setup")
         self._check_cancel()
         self.writer = StreamWriter(self.file)
@@ -116,10 +124,21 @@ class OutgoingMigration(MigrationBase):
         for dev in ram:
             dev.mark_all_dirty()
         w.write_ram_start([RamBlock(d.block_id, d.size) for d in ram])
-        self.file.flush()
+        if self.return_path:
+            # Wait until the destination has read this far: its connection, its
+            # thread waking up and its RAM allocation (at the RAM START) are then
+            # behind us, not inside the downtime of a migration that stops at once.
+            cookie = self._setup_cookie()
+            w.write_ping(cookie)
+            self.file.flush()
+            with self.timeline.phase("wait-setup-pong"):
+                self._wait_pong(cookie)
+        else:
+            self.file.flush()
         self.stats.ram_total = sum(d.size for d in ram)
         self.stats.ram_remaining = self.stats.ram_total
         self.stats.setup_done_ns = time.monotonic_ns()
+        self.timeline.add("setup", self.stats.start_ns, self.stats.setup_done_ns)
         self.set_status(MigrationStatus.ACTIVE)
 
     # -- precopy ----------------------------------------------------------
@@ -163,10 +182,12 @@ class OutgoingMigration(MigrationBase):
         while True:
             self.stats.iterations += 1
             self.hook(f"precopy-{self.stats.iterations}")
-            t0 = time.monotonic()
+            t0 = time.monotonic_ns()
             written = self.writer.write_ram_part(self._pages(ram, paced=True))
             self.file.flush()  # type: ignore[union-attr]
-            elapsed = max(time.monotonic() - t0, 1e-6)
+            t1 = time.monotonic_ns()
+            self.timeline.add("precopy", t0, t1)
+            elapsed = max((t1 - t0) / 1e9, 1e-6)
             self.stats.ram_transferred += written
             remaining = sum(d.dirty_pages() for d in ram) * PAGE
             self.stats.ram_remaining = remaining
@@ -182,52 +203,83 @@ class OutgoingMigration(MigrationBase):
     def _complete(self) -> None:
         w = self.writer
         f = self.file
+        tl = self.timeline
         assert f is not None
         self.was_running = self.vm.running
+        self.vm.hold_events()  # until the destination runs (or the source resumes)
         if self.was_running:
             self.stats.stop_ns = self.vm.vm_stop("finish-migrate")
             self.stopped_here = True
+            # From the stop on, the phases follow each other with no hole: the
+            # timeline accounts for every ns of this thread's part of the downtime.
+            chain = tl.chain(self.stats.stop_ns)
+            chain.lap("stop")
         else:
             self.stats.stop_ns = self.vm.stopped_at_ns
+            tl.add("stop", self.stats.stop_ns)  # stopped before the migration: a point
+            chain = tl.chain(time.monotonic_ns())
         self.set_status(MigrationStatus.DEVICE)
         self.hook("device")
-        w.write_switchover_start()
+        with chain.phase("switchover-start"):
+            w.write_switchover_start()
         if self.stats.ram_total:
-            written = w.write_ram_part(self._pages(self.copied_ram(), paced=False), end=True)
+            with chain.phase("iterable-save"):
+                written = w.write_ram_part(self._pages(self.copied_ram(), paced=False), end=True)
             self.stats.ram_transferred += written
             self.stats.ram_remaining = 0
         before = f.bytes_written
-        for dev in self.vm.devices:
-            handover = self.handover[id(dev)]
-            if not handover:
-                dev.detach()
-                self.detached.append(dev)
-            self.hook(f"device-{dev.id}")
-            w.write_section_full(dev.section_name, 0, dev.vmsd, dev.save_state(handover))
-        # Like QEMU's globalstate: a guest paused before the migration stays paused.
-        w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD,
-                             {"stop_ns": self.stats.stop_ns, "running": self.was_running})
+        with chain.phase("device-save"):
+            sections = tl.chain(chain.last_ns)
+            for dev in self.vm.devices:
+                handover = self.handover[id(dev)]
+                if not handover:
+                    dev.detach()
+                    self.detached.append(dev)
+                self.hook(f"device-{dev.id}")
+                w.write_section_full(dev.section_name, 0, dev.vmsd, dev.save_state(handover))
+                sections.lap(f"save:{dev.section_name}")
+            # Like QEMU's globalstate: a guest paused before the migration stays paused.
+            w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD,
+                                 {"stop_ns": self.stats.stop_ns, "running": self.was_running})
+            sections.lap(f"save:{MIGRATION_SECTION}")
         self.stats.device_state_bytes = f.bytes_written - before
         if self.return_path:
             cookie = self.stats.start_ns & 0xFFFFFFFF
             self.hook("before-ack")  # all state sent; the PING asks for the acknowledgement
-            w.write_ping(cookie)
-            f.flush()
-            self._wait_pong(cookie)
+            with chain.phase("ping"):
+                w.write_ping(cookie)
+                f.flush()
+            with chain.phase("wait-pong"):
+                self._wait_pong(cookie)
         self._commit()
         self.hook("after-ack")
-        w.write_eof()
-        w.write_vmdesc()
-        f.flush()
+        with chain.phase("eof"):
+            # EOF alone first: the destination runs the guest on it, and the
+            # device description it does not need for that comes after.
+            w.write_eof()
+            f.flush()
+        with chain.phase("vmdesc"):
+            w.write_vmdesc()
+            f.flush()
         self._account(f)
         if self.return_path:
-            self._wait_resumed()
-        # Only now let go of the backends: closing them (unmapping GiBs of RAM)
-        # takes a core for milliseconds, which must not be the destination's
-        # downtime. If the destination never reports, _rollback releases them.
-        for dev in self.vm.devices:
-            dev.release()
+            with chain.phase("wait-resumed"):
+                self._wait_resumed()
+        self.vm.release_events()
+        # The migration is over (total-time ends here). Only now let go of the
+        # backends: closing them (unmapping GiBs of RAM) takes a core for
+        # milliseconds, which must not be the destination's downtime, and is
+        # the source's cleanup as QEMU's is: not part of the migration's time.
+        # If the destination never reports, _rollback releases them.
+        self.stats.end_ns = time.monotonic_ns()
+        with chain.phase("release"):
+            for dev in self.vm.devices:
+                dev.release()
         self.set_status(MigrationStatus.COMPLETED)
+
+    def _setup_cookie(self) -> int:
+        """The PING value that ends setup (the final one is :attr:`stats.start_ns` & 0xffffffff)."""
+        return (self.stats.start_ns + 1) & 0xFFFFFFFF
 
     def _wait_pong(self, cookie: int) -> None:
         f = self.file
@@ -245,6 +297,7 @@ class OutgoingMigration(MigrationBase):
         with self._commit_lock:
             self._check_cancel()
             self.stats.committed = True
+        self.timeline.mark("commit")
         self.vm.set_runstate("postmigrate")
 
     def _wait_resumed(self) -> None:
@@ -270,6 +323,14 @@ class OutgoingMigration(MigrationBase):
         self.stats.fd_messages = f.fd_messages
 
     def _rollback(self, exc: Exception) -> None:
+        start = time.monotonic_ns()
+        status = self._roll_back(exc)
+        # recorded before the status changes: query-migrate then shows it
+        self.timeline.add("rollback", start, time.monotonic_ns())
+        self.set_status(status)
+
+    def _roll_back(self, exc: Exception) -> MigrationStatus:
+        """Undo what can be undone; returns the status the migration ends in."""
         message = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
         if self.file is not None:
             self._account(self.file)
@@ -281,8 +342,7 @@ class OutgoingMigration(MigrationBase):
             for dev in self.vm.devices:
                 dev.release()
             self.stats.error = message
-            self.set_status(MigrationStatus.FAILED)
-            return
+            return MigrationStatus.FAILED
         log.warning("migration failed before the commit point, source resumes: %s", message)
         if self.file is not None:
             self.file.close()
@@ -297,8 +357,7 @@ class OutgoingMigration(MigrationBase):
         for dev in self.copied_ram():
             dev.mark_all_dirty()
         self.stats.error = "; ".join([message] + problems)
-        cancelled = self.cancel_requested.is_set()
-        self.set_status(MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED)
+        return MigrationStatus.CANCELLED if self.cancel_requested.is_set() else MigrationStatus.FAILED
 
 
 def reattach_with_retry(dev: Device, attempts: int = 50) -> None:

@@ -69,31 +69,48 @@ class QMPProcess:
         first or no monitor answers within ``timeout_s``; then it is killed.
         """
         timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         preexec_fn=self.netns.preexec() if self.netns else None)
+        if self.proc is None:
+            self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
                 raise self.start_error(
                     f"{self.label} {self.name} exited with {self.proc.returncode}: {self.log_tail()}")
             if os.path.exists(self.qmp_path):
-                client = QMPClient(self.name)
                 try:
-                    await asyncio.wait_for(client.connect(self.qmp_path),
-                                           max(0.1, deadline - time.monotonic()))
-                    if self.events is not None:
-                        client.register_listener(self.events)
-                    self.qmp = client
+                    self.qmp = await self.open_monitor(max(0.1, deadline - time.monotonic()))
                     return self
                 except Exception:
-                    await client.disconnect()
+                    pass
             if time.monotonic() > deadline:
                 self.kill()
                 raise self.start_error(
                     f"{self.label} {self.name}: no QMP monitor within {timeout_s} s: {self.log_tail()}")
             await asyncio.sleep(0.02)
+
+    def spawn(self) -> None:
+        """Start the process alone; :meth:`start` (which spawns it if needed) waits for its monitor."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         preexec_fn=self.netns.preexec() if self.netns else None)
+
+    async def open_monitor(self, timeout_s: float) -> QMPClient:
+        """A client connected to the monitor, recording ``recorded_events`` from the start."""
+        client = self.new_client()
+        try:
+            await asyncio.wait_for(client.connect(self.qmp_path), timeout_s)
+        except BaseException:
+            await client.disconnect()
+            raise
+        return client
+
+    def new_client(self) -> QMPClient:
+        client = QMPClient(self.name)
+        if self.events is not None:
+            client.register_listener(self.events)
+        return client
 
     def log_tail(self, lines: int | None = None) -> str:
         """The last ``lines`` lines of the process's output, joined by " | " ("" if none)."""
@@ -111,7 +128,7 @@ class QMPProcess:
         """Host-clock times (ns, from the QMP timestamps) of the recorded events ``name``."""
         if self.events is None:
             return []
-        return [_event_time_ns(e) for e in self.events.history if e["event"] == name]
+        return [event_time_ns(e) for e in self.events.history if e["event"] == name]
 
     async def wait_migration(self, timeout_s: float = 120.0, poll_s: float = 0.005) -> dict:
         """Poll query-migrate until it reaches a terminal status."""
@@ -162,7 +179,8 @@ class VMProcess(QMPProcess):
         super().__init__(name, workdir, argv, qmp_path, netns=netns)
 
 
-def _event_time_ns(event: Any) -> int:
+def event_time_ns(event: Any) -> int:
+    """A QMP event's timestamp in ns (µs resolution, the host's wall clock)."""
     ts = event["timestamp"]
     return ts["seconds"] * 1_000_000_000 + ts["microseconds"] * 1000
 

@@ -162,16 +162,21 @@ class QMPServer:
             raise RuntimeError("QMPServer.emit() called from another thread; use emit_threadsafe()")
         self._broadcast(self._event_line(event, data))
 
-    def emit_threadsafe(self, event: str, data: Mapping[str, Any] | None = None) -> None:
-        """:meth:`emit` from any thread; the timestamp is taken now, in the caller."""
+    def emit_threadsafe(self, event: str, data: Mapping[str, Any] | None = None,
+                        time_ns: int | None = None) -> None:
+        """:meth:`emit` from any thread; the timestamp is taken now, in the caller.
+
+        ``time_ns`` (CLOCK_REALTIME) stamps an event that happened earlier and
+        is sent only now.
+        """
         if self._loop is None:
             raise RuntimeError("QMPServer.emit_threadsafe() before start()")
-        self._loop.call_soon_threadsafe(self._broadcast, self._event_line(event, data))
+        self._loop.call_soon_threadsafe(self._broadcast, self._event_line(event, data, time_ns))
 
     @staticmethod
-    def _event_line(event: str, data: Mapping[str, Any] | None) -> bytes:
+    def _event_line(event: str, data: Mapping[str, Any] | None, time_ns: int | None = None) -> bytes:
         # Encoded in the caller so that bad data raises there, not in the loop.
-        now_us = time.time_ns() // 1000
+        now_us = (time.time_ns() if time_ns is None else time_ns) // 1000
         message: dict[str, Any] = {
             "timestamp": {"seconds": now_us // 1_000_000, "microseconds": now_us % 1_000_000},
             "event": event,

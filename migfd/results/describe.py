@@ -38,6 +38,15 @@ def describe_run(metadata: dict, path: str | os.PathLike | None = None) -> str:
     dirty = " (with uncommitted changes)" if m.get("git_dirty") else ""
     lines.append(f"**Time (UTC):** {get('start', 'start_time')} → {get('end', 'end_time')}; "
                  f"git {get('git_revision', 'git', 'revision')}{dirty}")
+    load = m.get("loadavg_start"), m.get("loadavg_end")
+    if all(isinstance(v, list) and v for v in load):
+        governor = m.get("cpu_governor")
+        gov = ", ".join(f"{k} ×{v}" for k, v in governor.items()) if isinstance(governor, dict) else "not readable"
+        lines.append(f"**Load average (1 min):** {load[0][0]:.2f} at the start, {load[1][0]:.2f} at the end "
+                     f"(the benchmark's own load included); CPU frequency governor: {gov}")
+    limits = m.get("socket_limits")
+    if isinstance(limits, dict) and limits:
+        lines.append("**Socket limits:** " + ", ".join(f"{k} {v}" for k, v in limits.items()))
     options = m.get("options")
     if isinstance(options, dict):
         shown = {k: v for k, v in options.items() if k != "argv"}
@@ -51,6 +60,9 @@ def describe_run(metadata: dict, path: str | os.PathLike | None = None) -> str:
         lines.append(f"**Scenarios run:** {', '.join(ran) or 'none'}")
         for name, reason in skipped:
             lines.append(f"**Skipped:** {name} — {reason or 'no reason given'}")
+    busy = busy_note(m)
+    if busy:
+        lines.append(f"**⚠ Warning:** {busy}")
     warnings = m.get("warnings")
     if isinstance(warnings, dict):
         # the runner counts repeats: {text: times}
@@ -63,6 +75,41 @@ def describe_run(metadata: dict, path: str | os.PathLike | None = None) -> str:
         lines.append(f"**Failed trials:** {failed} of {m.get('rows', '?')} rows have ok=False "
                      f"(kept in results.csv with their error; left out of medians)")
     return "  \n".join(lines)
+
+
+#: "Busy": the 1-minute load average before the run above this share of the CPUs ...
+BUSY_LOAD_PER_CPU = 0.75
+#: ... or other processes using more than this much of one CPU (percent) when it started or ended.
+BUSY_OTHER_CPU_PERCENT = 50.0
+
+
+def busy_note(metadata: dict | None) -> str:
+    """Why the machine counts as busy for this run, or '' if it was quiet (or the run did not record it).
+
+    Busy means: the 1-minute load average at the start was above
+    :data:`BUSY_LOAD_PER_CPU` per CPU, or processes other than the benchmark
+    used more than :data:`BUSY_OTHER_CPU_PERCENT` % of one CPU in the sample
+    taken at the start or at the end. The load at the end is not used: the
+    benchmark's own load is in it.
+    """
+    m = metadata or {}
+    reasons = []
+    cpus = m.get("cpu_count") or 1
+    load = m.get("loadavg_start")
+    if isinstance(load, list) and load and load[0] > BUSY_LOAD_PER_CPU * cpus:
+        reasons.append(f"load average {load[0]:.2f} at the start on {cpus} CPUs "
+                       f"(more than {BUSY_LOAD_PER_CPU} per CPU)")
+    for when in ("start", "end"):
+        procs = m.get(f"busy_processes_{when}")
+        if not isinstance(procs, list):
+            continue
+        total = sum(p.get("cpu_percent", 0) for p in procs if isinstance(p, dict))
+        if total > BUSY_OTHER_CPU_PERCENT:
+            top = ", ".join(f"{p.get('comm')} ({p.get('cpu_percent'):.0f}%)" for p in procs[:3])
+            reasons.append(f"other processes used {total:.0f}% of a CPU at the {when} ({top})")
+    if not reasons:
+        return ""
+    return "the machine was busy: " + "; ".join(reasons) + ". Its timings may be slower and noisier."
 
 
 def scenario_info(metadata: dict | None, scenario: str) -> dict:

@@ -2,14 +2,18 @@
 
 The columns and their kinds are those of docs/RESULTS.md; :func:`select`
 picks the rows of one scenario, mode or variant, as every summary, target
-and figure does.
+and figure does. An HTML report made by ``migfd report`` carries its run's
+``results.csv`` and ``metadata.json`` inside it (:func:`embed_results`), so
+:func:`load_run` reads a report as it reads a directory.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +32,12 @@ INT_COLUMNS = ("ram_bytes", "n_fds", "dirty_rate_bytes_s", "trial", "downtime_ns
                "frames_sent", "frames_lost", "frames_duplicated", "max_gap_ns", "lines_sent",
                "lines_lost", "reconnects", "stop_resume_ns")
 FLOAT_COLUMNS = ("value",)
-TEXT_COLUMNS = ("scenario", "mode", "variant", "backend", "unit", "error")
+TEXT_COLUMNS = ("scenario", "mode", "variant", "backend", "unit", "error", "peer_version", "trial_id")
 BOOL_COLUMNS = ("live", "ok")
 #: What identifies one measured point: the trials of a point are summarized together.
-POINT_KEYS = ["scenario", "mode", "variant", "backend", "live", "ram_bytes", "n_fds"]
+#: ``peer_version`` names the QEMU of a qemu-peer row (empty for migfd's own rows, and
+#: in runs older than the column): two QEMUs at the same size are two points.
+POINT_KEYS = ["scenario", "mode", "variant", "backend", "live", "ram_bytes", "n_fds", "peer_version"]
 
 
 def _results_dir_of(path: str | os.PathLike) -> Path:
@@ -115,6 +121,22 @@ def clean_results(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+_QEMU_VERSION_RE = re.compile(r"version (\d+\.\d+(?:\.\d+)?)")
+
+
+def with_peer_version(df: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Runs older than the ``peer_version`` column ran one QEMU, the one their metadata names:
+    its version fills their qemu-peer rows, so they compare with newer runs point by point."""
+    qemu = (meta.get("packages") or {}).get("qemu") if isinstance(meta.get("packages"), dict) else None
+    found = _QEMU_VERSION_RE.search(qemu or "")
+    rows = (df["scenario"] == "qemu-peer") & (df["peer_version"] == "")
+    if found is None or not rows.any() or (df["peer_version"] != "").any():
+        return df
+    df = df.copy()
+    df.loc[rows, "peer_version"] = found.group(1)
+    return df
+
+
 def load_results(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     """``results.csv`` as a typed DataFrame, and ``metadata.json`` (``{}`` if absent)."""
     run = _results_dir_of(path)
@@ -126,7 +148,53 @@ def load_results(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
             meta = json.loads(meta_path.read_text())
         except ValueError as exc:
             raise MigrationError(f"{meta_path} is not JSON: {exc}") from None
-    return clean_results(df), meta
+    return with_peer_version(clean_results(df), meta), meta
+
+
+#: The id of the ``<script type="application/json">`` element that holds a report's run.
+EMBED_ID = "migfd-results"
+_EMBED_RE = re.compile(r'<script type="application/json" id="%s">(.*?)</script>' % EMBED_ID, re.S)
+
+
+def embed_results(page: str, results_dir: str | os.PathLike) -> str:
+    """``page`` (HTML) with the run's results.csv and metadata.json inside, before ``</body>``.
+
+    JSON in a script element: "</" is written "<\\/" (the same string to a
+    JSON parser), so no value can end the element early.
+    """
+    run = Path(results_dir)
+    meta_path = run / "metadata.json"
+    data = {"results_csv": (run / "results.csv").read_text(),
+            "metadata": json.loads(meta_path.read_text()) if meta_path.is_file() else {}}
+    text = json.dumps(data).replace("</", "<\\/")
+    block = f'<script type="application/json" id="{EMBED_ID}">{text}</script>\n'
+    at = page.rfind("</body>")
+    return page[:at] + block + page[at:] if at >= 0 else page + block
+
+
+def embedded_results(page: str, source: str = "the page") -> tuple[str, dict]:
+    """(results.csv text, metadata) from a page written by :func:`embed_results`."""
+    # the last one: the page's own, appended after everything the notebooks printed
+    found = next(reversed(list(_EMBED_RE.finditer(page))), None)
+    if found is None:
+        raise MigrationError(f"{source} holds no embedded results (not a report written by `migfd report`)")
+    try:
+        data = json.loads(found.group(1))
+        return str(data["results_csv"]), dict(data.get("metadata") or {})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MigrationError(f"{source}: its embedded results are damaged ({exc})") from None
+
+
+def load_run(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """A run from a results directory, its results.csv, or an HTML report of ``migfd report``."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() in (".html", ".htm"):
+        csv_text, meta = embedded_results(p.read_text(errors="replace"), str(p))
+        df = pd.read_csv(io.StringIO(csv_text), dtype=str, keep_default_na=False, na_values=[""])
+        return with_peer_version(clean_results(df), meta), meta
+    if not p.exists():
+        raise MigrationError(f"{p} does not exist")
+    return load_results(p)
 
 
 def select(df: pd.DataFrame, scenario: str | None = None, mode: str | None = None, *,

@@ -1,8 +1,10 @@
 """The figures of the notebooks and the report, drawn with matplotlib from one run's rows.
 
 Each function takes the run's table (and metadata, to say why something is
-missing) and returns a Figure; medians with p5–p95 bands or every trial as a
-dot, with the floors measured in the same run drawn beside them.
+missing) and returns a Figure: medians with the 95% confidence interval of
+each median as error bars (the light band behind is the p5–p95 spread of
+the trials), or every trial as a dot with its median and that median's
+interval, with the floors measured in the same run drawn beside them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from migfd.results.summary import (
     summarize,
     throughput,
 )
+from migfd.stats import median_ci
 from migfd.units import GiB
 
 #: One colour per mode in every figure (their names: summary.MODE_LABELS); floors are black.
@@ -40,6 +43,7 @@ MODE_COLORS = {
     "state-copy": "#d62728",
     "qemu-ram-copied": "#7f7f7f",
     "qemu-ram-shared": "#8c564b",
+    "qemu-cpr-transfer": "#9467bd",
 }
 OTHER_MODE_COLOR = "#17becf"
 FLOOR_COLOR = "black"
@@ -85,18 +89,28 @@ def _series_label(base: str, pts: pd.DataFrame) -> str:
     return label + ")"
 
 
+def _ci_yerr(pts: pd.DataFrame, scale: float) -> np.ndarray:
+    """Error bars from each median to the bounds of its 95% interval (none where it has none)."""
+    med = pts["median"].to_numpy(dtype=float) / scale
+    low = pts["ci_low"].to_numpy(dtype=float) / scale
+    high = pts["ci_high"].to_numpy(dtype=float) / scale
+    return np.nan_to_num(np.vstack([med - low, high - med]), nan=0.0)
+
+
 def _draw_series(ax, pts: pd.DataFrame, x: str, label: str, color: str, *, dashed: bool = False,
                  marker: str = "o", scale: float = 1e6, linestyle: str | None = None,
                  alpha: float = 1.0) -> None:
-    """Medians joined by a line, the p5–p95 band shaded; points with no successful trial left out."""
+    """Medians joined by a line with their 95% intervals as error bars, the p5–p95 spread of the
+    trials as a light band; points with no successful trial left out."""
     pts = pts[pts["n"] > 0].sort_values(x)
     if pts.empty:
         return
     xs = pts[x].astype(float).to_numpy()
-    ax.plot(xs, pts["median"] / scale, linestyle=linestyle or ("--" if dashed else "-"), marker=marker,
-            color=color, alpha=alpha, markerfacecolor="white" if dashed else color,
-            label=_series_label(label, pts))
-    ax.fill_between(xs, pts["p5"] / scale, pts["p95"] / scale, color=color, alpha=0.15, linewidth=0)
+    ax.errorbar(xs, pts["median"] / scale, yerr=_ci_yerr(pts, scale), capsize=3,
+                linestyle=linestyle or ("--" if dashed else "-"), marker=marker,
+                color=color, alpha=alpha, markerfacecolor="white" if dashed else color,
+                label=_series_label(label, pts))
+    ax.fill_between(xs, pts["p5"] / scale, pts["p95"] / scale, color=color, alpha=0.08, linewidth=0)
 
 
 def _binary_ticks(ax, values: Iterable[float], fmt) -> None:
@@ -148,22 +162,38 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
     events = qemu_has_events(rows[qemu])
     for ax, metric, what in ((ax_down, "_downtime", "downtime"), (ax_total, "total_ns", "total time")):
         pts_all = summarize(rows, metric)
-        for (scenario, mode, live), pts in pts_all.groupby(["scenario", "mode", "live"], dropna=False):
+        # one series per point kind: a QEMU version and a variant (filled/idle RAM) are series of their own
+        for (scenario, mode, variant, version, live), pts in pts_all.groupby(
+                ["scenario", "mode", "variant", "peer_version", "live"], dropna=False):
             live_text = live_label(live)
-            label = mode_label(mode) + (f", {live_text}" if live_text else "")
+            label = mode_label(mode)
+            if version:
+                label = label.replace("real QEMU", f"QEMU {version}")
+            label += (f" ({variant})" if variant else "") + (f", {live_text}" if live_text else "")
             if scenario == "qemu-peer":
+                same = (rows["mode"] == mode) & (rows["variant"] == variant) & (rows["peer_version"] == version)
                 if metric == "_downtime" and events:
                     label += " [STOP→RESUME events]"
                 else:
-                    label += _resolution_note(rows[rows["mode"] == mode][metric])
-            _draw_series(ax, pts, "ram_bytes", label, mode_color(mode), dashed=is_live(live) is False,
-                         marker="D" if scenario == "qemu-peer" else ("s" if is_live(live) is False else "o"))
-        # floor 1: all of RAM through the raw socket
+                    label += _resolution_note(rows[same][metric])
+                marker = "D" if str(version).startswith("7.") or not version else "v"
+            else:
+                marker = "s" if is_live(live) is False else "o"
+            _draw_series(ax, pts, "ram_bytes", label, mode_color(mode), marker=marker,
+                         dashed=is_live(live) is False or variant == "idle")
+        # floor 1: all of RAM through the raw socket, at the rate measured at each size where
+        # there is one; measured at one size only, that rate drawn across (and the label says so)
+        rates = select(df, "limits", variant="unix-throughput").groupby("ram_bytes")["value"].median()
         rate = floor_median(df, "unix-throughput")
-        xs = np.array(sorted(float(s) for s in sizes))
-        if not math.isnan(rate) and len(xs):
+        if len(rates) > 1:
+            xs = rates.index.to_numpy(dtype=float)
+            ax.plot(xs, xs / rates.to_numpy(dtype=float) * 1e3, color=FLOOR_COLOR, linestyle=":", linewidth=1.5,
+                    marker=".", label="floor: all RAM through AF_UNIX at the rate measured at that size (limits)")
+        elif len(rates) == 1 and len(sizes):
+            xs = np.array(sorted(float(s) for s in sizes))
             ax.plot(xs, xs / rate * 1e3, color=FLOOR_COLOR, linestyle=":", linewidth=1.5,
-                    label=f"floor: all RAM through AF_UNIX at {fmt_rate(rate)} (limits)")
+                    label=f"floor: all RAM through AF_UNIX at {fmt_rate(rate)} "
+                          f"(limits, measured at {fmt_bytes(float(rates.index[0]))})")
         # floor 2: the raw handover of the fds and device state
         hand = select(df, "limits", variant="handover-floor")["total_ns"].astype("float64").dropna()
         if len(hand):
@@ -181,8 +211,8 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
     ax_down.set_title("Downtime (guest stopped → running on the destination)")
     ax_total.set_title("Total time (migrate issued → completed)")
     _fig_legend(fig, ax_down)
-    fig.suptitle("fd-passing vs state copy against guest RAM size — lines: medians, bands: p5–p95 of trials; "
-                 "dashed/hollow: non-live (guest stopped first)", fontsize=10)
+    fig.suptitle("fd-passing vs state copy against guest RAM size — lines: medians with 95% intervals (bars), "
+                 "light bands: p5–p95 of trials; dashed/hollow: non-live (guest stopped first)", fontsize=10)
     return fig
 
 
@@ -228,7 +258,8 @@ def plot_downtime_vs_fds(df: pd.DataFrame, metadata: dict | None = None) -> Figu
     ax.grid(True, which="both", alpha=0.3)
     _fig_legend(fig, ax, ncols=1)
     ax.set_title("Downtime vs number of handed-over fds: batched vs one fd per sendmsg\n"
-                 "lines: medians, bands: p5–p95; per-fd cost = least-squares slope of the medians", fontsize=10)
+                 "lines: medians with 95% intervals (bars), light bands: p5–p95; "
+                 "per-fd cost = least-squares slope of the medians", fontsize=10)
     return fig
 
 
@@ -242,23 +273,42 @@ def _strip(ax, groups: list[tuple[str, np.ndarray, str]], *, scale: float = 1.0,
             vals = vals[vals > 0]
         xs = i + rng.uniform(-jitter, jitter, len(vals))
         ax.scatter(xs, vals, color=color, alpha=0.7, s=22, zorder=3)
-        if len(vals):
-            ax.hlines(np.median(vals), i - 0.3, i + 0.3, color=color, linewidth=2.5, zorder=4)
+        _median_bar(ax, i, 0.3, vals, color)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([g[0] for g in groups], fontsize=8)
     ax.set_xlim(-0.6, len(groups) - 0.4)
 
 
-def _mode_groups(rows: pd.DataFrame, column: str) -> list[tuple[str, np.ndarray, str]]:
+def _median_bar(ax, x: float, half: float, vals: np.ndarray, color: str) -> None:
+    """The median as a bar across a column of dots, its 95% interval as a capped line at its right end."""
+    if not len(vals):
+        return
+    ci = median_ci(vals)
+    ax.hlines(ci.value, x - half, x + half, color=color, linewidth=2.5, zorder=4)
+    if ci.known:
+        ax.errorbar([x + half], [ci.value], yerr=[[ci.value - ci.low], [ci.high - ci.value]], fmt="none",
+                    ecolor=color, capsize=3, linewidth=1.5, zorder=4)
+
+
+def _mode_groups(rows: pd.DataFrame, column: str, *, counts: bool = False) -> list[tuple[str, np.ndarray, str]]:
+    """Per mode: a label with its trial counts, the values of ``column``, the mode's colour.
+
+    Times come from successful trials only (the label says how many failed);
+    ``counts`` (frames or lines lost) come from every trial that has them:
+    what a failed trial lost is lost too, and is shown.
+    """
     out = []
     for mode in sorted(set(rows["mode"]), key=_mode_order):
         r = rows[rows["mode"] == mode]
-        good = r[r["ok"].fillna(False).astype(bool)]
-        failed = len(r) - len(good)
-        label = f"{mode_label(mode)}\n(n={len(good)}"
-        label += f", {failed} failed not shown)" if failed else ")"
-        out.append((label, good[column].astype("float64").dropna().to_numpy(),
-                    mode_color(mode)))
+        ok = r["ok"].fillna(False).astype(bool)
+        failed = int((~ok).sum())
+        use = r if counts else r[ok]
+        label = f"{mode_label(mode)}\n(n={int(ok.sum())}"
+        if failed:
+            label += f", {failed} failed: counted)" if counts else f", {failed} failed not shown)"
+        else:
+            label += ")"
+        out.append((label, use[column].astype("float64").dropna().to_numpy(), mode_color(mode)))
     return out
 
 
@@ -280,8 +330,7 @@ def _paired_counts(ax, first, second, first_word: str, second_word: str, key: tu
         for off, vals, face in ((-0.15, av, color), (0.15, bv, "white")):
             xs = i + off + rng.uniform(-0.06, 0.06, len(vals))
             ax.scatter(xs, vals, color=color, facecolor=face, s=24, zorder=3)
-            if len(vals):
-                ax.hlines(np.median(vals), i + off - 0.1, i + off + 0.1, color=color, linewidth=2.5)
+            _median_bar(ax, i + off, 0.1, vals, color)
         ax.annotate(f"total: {int(np.sum(av))} {first_word}, {int(np.sum(bv))} {second_word}", (i, 1.0),
                     xycoords=("data", "axes fraction"), xytext=(0, -12), textcoords="offset points",
                     ha="center", fontsize=8, color=color)
@@ -315,7 +364,8 @@ def plot_packet_loss(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
         fig.suptitle("Frames under TAP traffic: no data")
         return fig
     good = rows[rows["ok"].fillna(False).astype(bool)]
-    _paired_counts(ax_lost, _mode_groups(rows, "frames_lost"), _mode_groups(rows, "frames_duplicated"),
+    _paired_counts(ax_lost, _mode_groups(rows, "frames_lost", counts=True),
+                   _mode_groups(rows, "frames_duplicated", counts=True),
                    "lost", "duplicated", ("frames lost", "frames duplicated"))
     ax_lost.axhline(0, color=FLOOR_COLOR, linestyle="-.", linewidth=1.2, label="target: 0 lost, 0 duplicated")
     ax_lost.set_ylabel("frames per trial (count, linear)")
@@ -334,7 +384,7 @@ def plot_packet_loss(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     ax_gap.grid(True, axis="y", which="both", alpha=0.3)
     _fig_legend(fig, ax_lost, 3, ax_gap)
     fig.suptitle("Numbered frames through the TAP during the migration (tap-traffic): "
-                 "dots are trials, bars medians", fontsize=10)
+                 "dots are trials, bars medians with their 95% intervals", fontsize=10)
     return fig
 
 
@@ -355,7 +405,7 @@ def plot_chardev(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     ax_gap.set_title("Interruption seen by the client", fontsize=10)
     ax_gap.grid(True, axis="y", which="both", alpha=0.3)
 
-    _paired_counts(ax_lines, _mode_groups(rows, "lines_lost"), _mode_groups(rows, "reconnects"),
+    _paired_counts(ax_lines, _mode_groups(rows, "lines_lost", counts=True), _mode_groups(rows, "reconnects", counts=True),
                    "lines lost", "reconnects", ("lines lost", "reconnects"))
     ax_lines.axhline(0, color=FLOOR_COLOR, linestyle="-.", linewidth=1.2, label="floor: nothing lost, no reconnect")
     ax_lines.set_ylabel("per trial (count, linear)")
@@ -366,45 +416,47 @@ def plot_chardev(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     ax_lines.grid(True, axis="y", alpha=0.3)
     _fig_legend(fig, ax_gap, 3, ax_lines)
     fig.suptitle("A client on the socket chardev, sending numbered lines through the migration (chardev): "
-                 "dots are trials, bars medians", fontsize=10)
+                 "dots are trials, bars medians with their 95% intervals", fontsize=10)
     return fig
 
 
 def plot_throughput(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
-    """State-copy throughput through the migration channel against the raw AF_UNIX floor.
+    """Non-live state-copy throughput through the migration channel against the raw AF_UNIX floor, size by size.
 
-    Throughput per trial is bytes_sent / (total time - setup time). The floors
-    come from limits in the same run: raw AF_UNIX throughput into fresh memory
-    (median, p5–p95 band), memcpy, and the 0.8× line of the target.
+    Throughput per trial is bytes_sent / downtime: a non-live migration moves
+    everything while the guest is stopped, so that window holds the whole copy
+    and neither the setup nor the source's release of RAM after the resume
+    (:func:`~migfd.results.summary.throughput`). The floors come from limits in
+    the same run, at the sizes where they were measured: raw AF_UNIX throughput
+    into fresh memory, and 0.8× of it (the target). Medians with 95% intervals.
     """
     fig, (ax,) = _figure(1, width=8, height=4.8)
     rows = select(df, "ram-size", "state-copy", ok=None)
+    rows = rows[rows["live"] == False]  # noqa: E712 (nullable boolean)
     if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
-        _no_data(ax, why_absent(df, metadata, "ram-size", "successful state-copy trials"))
+        _no_data(ax, why_absent(df, metadata, "ram-size", "successful non-live state-copy trials"))
         fig.suptitle("State-copy throughput: no data")
         return fig
     rows = rows.assign(throughput_bps=throughput(rows))
     pts = summarize(rows, "throughput_bps")
-    sizes = rows["ram_bytes"].dropna().unique()
-    for live, g in pts.groupby("live", dropna=False):
-        g = g[g["n"] > 0].sort_values("ram_bytes")
-        if g.empty:
-            continue
-        xs = g["ram_bytes"].astype(float).to_numpy()
-        med = g["median"].to_numpy() / GiB
-        yerr = np.vstack([med - g["p5"].to_numpy() / GiB, g["p95"].to_numpy() / GiB - med])
-        label = _series_label(f"state copy, {live_label(live) or 'live unknown'}", g)
-        ax.errorbar(xs, med, yerr=yerr, marker="s" if is_live(live) is False else "o", capsize=4,
-                    linestyle="--" if is_live(live) is False else "-", color=mode_color("state-copy"),
-                    markerfacecolor="white" if is_live(live) is False else mode_color("state-copy"), label=label)
-    unix = select(df, "limits", variant="unix-throughput")["value"].astype("float64").dropna()
-    if len(unix):
-        med = np.median(unix) / GiB
-        ax.axhline(med, color=FLOOR_COLOR, linestyle="-.", linewidth=1.4,
-                   label=f"floor: raw AF_UNIX into fresh memory, {med:.3g} GiB/s (limits, n={len(unix)})")
-        ax.axhspan(np.percentile(unix, 5) / GiB, np.percentile(unix, 95) / GiB, color=FLOOR_COLOR, alpha=0.08)
-        ax.axhline(0.8 * med, color=FLOOR_COLOR, linestyle=":", linewidth=1,
-                   label=f"target: 0.8 × raw AF_UNIX = {0.8 * med:.3g} GiB/s")
+    sizes = list(rows["ram_bytes"].dropna().unique())
+    _draw_series(ax, pts, "ram_bytes", "state copy, non-live", mode_color("state-copy"), dashed=True,
+                 marker="s", scale=GiB)
+    floor_rows = select(df, "limits", variant="unix-throughput", ok=None)
+    floor = summarize(floor_rows, "value")
+    floor = floor[floor["n"] > 0]
+    if not floor.empty:
+        sizes += list(floor["ram_bytes"].dropna())
+        _draw_series(ax, floor, "ram_bytes", "floor: raw AF_UNIX into fresh memory (limits)", FLOOR_COLOR,
+                     marker="D", scale=GiB, linestyle="-.")
+        target = floor.assign(median=floor["median"] * 0.8, ci_low=np.nan, ci_high=np.nan,
+                              p5=np.nan, p95=np.nan)
+        ax.plot(target["ram_bytes"].astype(float), target["median"] / GiB, color=FLOOR_COLOR, linestyle=":",
+                marker="_", linewidth=1, label="target: 0.8 × raw AF_UNIX at the same size")
+        missing = sorted(set(rows["ram_bytes"].dropna()) - set(floor["ram_bytes"].dropna()))
+        if missing:
+            ax.text(0.01, 0.01, f"no floor measured at {', '.join(fmt_bytes(float(m)) for m in missing)}: "
+                    f"no comparison there", transform=ax.transAxes, fontsize=7, color="#444444")
     else:
         ax.text(0.01, 0.01, _floor_note(df, metadata, "unix-throughput"), transform=ax.transAxes,
                 fontsize=7, color="#444444")
@@ -414,11 +466,11 @@ def plot_throughput(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     ax.set_xscale("log", base=2)
     _binary_ticks(ax, sizes, fmt_bytes)
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("guest RAM size")
+    ax.set_xlabel("guest RAM size (floor: bytes moved)")
     ax.set_ylabel("throughput (GiB/s, linear from 0)")
     ax.grid(True, alpha=0.3)
     _fig_legend(fig, ax, ncols=1)
-    ax.set_title("State-copy bulk throughput vs the raw AF_UNIX floor (ram-size, limits)\n"
-                 "bytes through the channel / (total − setup time); medians with p5–p95 bars"
-                 + mem_text, fontsize=9)
+    ax.set_title("Non-live state-copy throughput vs the raw AF_UNIX floor at the same size (ram-size, limits)\n"
+                 "bytes through the channel / downtime (guest stopped → resumed: the copy alone); "
+                 "medians with 95% intervals" + mem_text, fontsize=9)
     return fig

@@ -1,9 +1,11 @@
 """``migfd report``: run the benchmark, execute the notebooks on its results, write one HTML page.
 
-The page is ``reports/<UTC timestamp>-<host>/index.html``: the three notebooks
-executed on one results directory, code of the result notebooks hidden, every
+The page is ``reports/<UTC timestamp>-<host>/index.html``: the notebooks
+executed on one results directory (the comparison with the committed
+reference run when there is one), code of the result notebooks hidden, every
 figure embedded as a data URI so the file can be mailed or attached as it is;
-``results.csv`` and ``metadata.json`` are copied beside it. Every expected
+the run's ``results.csv`` and ``metadata.json`` are embedded in the page (so
+``migfd compare`` can read the page alone) and copied beside it. Every expected
 failure is a :class:`~migfd.errors.MigrationError`, which the command line
 turns into one line.
 """
@@ -23,13 +25,14 @@ from pathlib import Path
 
 from migfd.errors import MigrationError
 from migfd.paths import repo_root
+from migfd.results.compare import COMPARE_NOTEBOOK, default_pair
 from migfd.results.describe import describe_run
-from migfd.results.load import load_results
+from migfd.results.load import embed_results, load_results
 
 NOTEBOOK_DIR = repo_root() / "notebooks"
-#: Notebooks whose code is only calls into migfd.results: the report shows their outputs.
-#: The protocol tour keeps its code: the code is what it teaches.
-HIDE_CODE = ("02-downtime.ipynb", "03-packet-loss.ipynb")
+#: The protocol tour keeps its code in the report: the code is what it teaches. The other
+#: notebooks' code is only calls into migfd.results: the report shows their outputs.
+SHOW_CODE = ("01-protocol-tour.ipynb",)
 #: Per notebook; the tour starts VMs, the others only read a CSV.
 CELL_TIMEOUT_S = 600
 
@@ -58,10 +61,17 @@ def run_benchmark(quick: bool) -> Path:
     return out
 
 
-def notebooks() -> list[Path]:
+def notebooks(results: Path | None = None) -> list[Path]:
+    """The notebooks a report on ``results`` executes, in order.
+
+    The comparison (04) only when there is a base to compare with: a committed
+    reference run ($MIGFD_BASE overrides it) that is not ``results`` itself.
+    """
     found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]-*.ipynb"))
     if not found:
         raise MigrationError(f"no notebooks in {NOTEBOOK_DIR} (migfd report runs from a source checkout)")
+    if results is not None and default_pair(new=results)[0] is None:
+        found = [p for p in found if p.name != COMPARE_NOTEBOOK]
     return found
 
 
@@ -142,7 +152,7 @@ def _header_cell(results: Path, metadata: dict, names: list[str]):
 
 
 def combine(executed: list[tuple[Path, object]], results: Path, metadata: dict):
-    """One notebook of all executed ones, a header first; code of HIDE_CODE notebooks tagged for removal."""
+    """One notebook of all executed ones, a header first; code of all but SHOW_CODE notebooks tagged for removal."""
     import nbformat
 
     book = nbformat.v4.new_notebook()
@@ -158,7 +168,7 @@ def combine(executed: list[tuple[Path, object]], results: Path, metadata: dict):
             tags = set(cell.get("metadata", {}).get("tags", []))
             if tags & {"parameters", "injected-parameters"}:
                 continue  # the results directory is named in the header
-            if cell.cell_type == "code" and path.name in HIDE_CODE:
+            if cell.cell_type == "code" and path.name not in SHOW_CODE:
                 cell.metadata["tags"] = sorted(tags | {"remove_input"})
             cell["id"] = f"{path.stem}-{cell.get('id') or len(book.cells)}"  # unique across notebooks
             book.cells.append(cell)
@@ -196,7 +206,7 @@ def build_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     report_dir.mkdir(parents=True, exist_ok=True)
     executed = []
     with tempfile.TemporaryDirectory(prefix="migfd-report-") as logs:
-        for path in notebooks():
+        for path in notebooks(results_dir):
             t0 = time.monotonic()
             print(f"migfd report: executing {path.name} ...", file=sys.stderr, flush=True)
             executed.append((path, execute_notebook(path, results_dir, Path(logs))))
@@ -204,7 +214,8 @@ def build_report(results: str | os.PathLike, out: str | os.PathLike | None = Non
     html = to_html(combine(executed, results_dir, metadata),
                    f"migfd report — {metadata.get('host', results_dir.name)}")
     index = report_dir / "index.html"
-    index.write_text(html, encoding="utf-8")
+    # the run travels inside the page: `migfd compare` reads a report as it reads a directory
+    index.write_text(embed_results(html, results_dir), encoding="utf-8")
     for name in ("results.csv", "metadata.json"):
         if (results_dir / name).is_file():
             shutil.copy2(results_dir / name, report_dir / name)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from migfd.results.load import POINT_KEYS, select
+from migfd.stats import Interval, median_ci
 from migfd.units import GiB, KiB, MiB
 
 #: How each mode is named in tables and figures, in the order they are shown.
@@ -18,6 +19,7 @@ MODE_LABELS = {
     "state-copy": "state copy",
     "qemu-ram-copied": "real QEMU, RAM copied",
     "qemu-ram-shared": "real QEMU, RAM shared (x-ignore-shared)",
+    "qemu-cpr-transfer": "real QEMU, cpr-transfer (RAM fds passed)",
 }
 
 
@@ -26,14 +28,15 @@ def mode_label(mode: str) -> str:
 
 
 def summarize(df: pd.DataFrame, metric: str = "downtime_ns") -> pd.DataFrame:
-    """Median, p5, p95 and n of ``metric`` per point (scenario, mode, variant, backend, live, size).
+    """Median with its 95% interval, p5, p95 and n of ``metric`` per point (:data:`POINT_KEYS`).
 
-    Only trials with ok=True count; ``n_failed`` says how many of the point's
-    trials failed. Percentiles are linear interpolations between trials, so
-    with a handful of trials p5 and p95 sit close to the extremes.
+    Only trials with ok=True count in the figures; ``n_failed`` says how many
+    of the point's trials failed, so a table or legend can show them.
+    ``ci_low``/``ci_high`` bound the median (:func:`migfd.stats.median_ci`:
+    NaN with one trial). Percentiles are linear interpolations between
+    trials, so with a handful of trials p5 and p95 sit close to the extremes.
     """
-    cols = ["scenario", "mode", "variant", "backend", "live", "ram_bytes", "n_fds",
-            "n", "n_failed", "median", "p5", "p95"]
+    cols = [*POINT_KEYS, "n", "n_failed", "median", "ci_low", "ci_high", "p5", "p95"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     work = df.copy()
@@ -46,11 +49,12 @@ def summarize(df: pd.DataFrame, metric: str = "downtime_ns") -> pd.DataFrame:
         rec = dict(zip(POINT_KEYS, key))
         rec["n"] = int(len(vals))
         rec["n_failed"] = int(g["_failed"].sum())
+        ci = median_ci(vals)
+        rec["median"], rec["ci_low"], rec["ci_high"] = ci.value, ci.low, ci.high
         if len(vals):
-            rec["median"], rec["p5"], rec["p95"] = (float(np.median(vals)), float(np.percentile(vals, 5)),
-                                                    float(np.percentile(vals, 95)))
+            rec["p5"], rec["p95"] = float(np.percentile(vals, 5)), float(np.percentile(vals, 95))
         else:
-            rec["median"] = rec["p5"] = rec["p95"] = float("nan")
+            rec["p5"] = rec["p95"] = float("nan")
         rows.append(rec)
     out = pd.DataFrame(rows, columns=cols)
     for col in ("ram_bytes", "n_fds"):
@@ -91,6 +95,34 @@ def fmt_rate(bytes_per_s: float) -> str:
     return "?" if math.isnan(bytes_per_s) else f"{bytes_per_s / GiB:.3g} GiB/s"
 
 
+def _plain(x: float) -> str:
+    """Three significant digits without an exponent below 10^6 (1234 rather than 1.23e+03)."""
+    return f"{x:.0f}" if 1000 <= abs(x) < 1e6 else f"{x:.3g}"
+
+
+def fmt_interval(interval: Interval, fmt=None) -> str:
+    """"1.87 ms [1.55, 2.10]": the value in ``fmt``, the bounds in the value's unit.
+
+    The bounds are written with the value's unit stripped (they share it); an
+    interval that cannot be given (one trial) says so.
+    """
+    fmt = fmt or _plain
+    if math.isnan(interval.value):
+        return "?"
+    if math.isinf(interval.value):
+        return "∞ [no interval]"
+    text = fmt(interval.value)
+    if not interval.known:
+        return f"{text} [no interval: n={interval.n}]"
+    value, _, unit = text.partition(" ")
+    scale = float(value) / interval.value if interval.value and unit else None
+    if scale is not None and math.isfinite(scale):
+        low, high = (_plain(b * scale) for b in (interval.low, interval.high))
+    else:
+        low, high = (fmt(b) for b in (interval.low, interval.high))
+    return f"{text} [{low}, {high}]"
+
+
 def is_live(live: Any) -> bool | None:
     """A live flag as groupby hands it out (bool, numpy bool, NA) as True/False/None."""
     if live is None or live is pd.NA or (isinstance(live, float) and math.isnan(live)):
@@ -103,10 +135,19 @@ def live_label(live: Any) -> str:
 
 
 def throughput(df: pd.DataFrame) -> pd.Series:
-    """Bytes per second through the migration channel per trial: bytes_sent / (total - setup)."""
-    busy = df["total_ns"].astype("Float64") - df["setup_ns"].fillna(0).astype("Float64")
-    out = df["bytes_sent"].astype("Float64") / busy * 1e9
-    return out.where(busy > 0).astype("float64")
+    """Bytes per second through the migration channel per trial, over a window that holds only the copy.
+
+    A non-live migration stops the guest first and then moves everything, so
+    ``downtime_ns`` (source stop to destination resume) holds the whole
+    transfer and nothing else: not the setup, and not the source's release of
+    its RAM, which comes after the resume and is in ``total_ns``. A live row
+    has no such window in results.csv (its copy overlaps the running guest and
+    its total time ends after the release): NaN.
+    """
+    window = df["downtime_ns"].astype("Float64")
+    out = df["bytes_sent"].astype("Float64") / window * 1e9
+    nonlive = df["live"].astype("boolean").fillna(True) == False  # noqa: E712 (nullable boolean)
+    return out.where(nonlive & (window > 0)).astype("float64")
 
 
 def qemu_downtime(rows: pd.DataFrame) -> pd.Series:
@@ -144,14 +185,20 @@ def slope_per_fd(points: pd.DataFrame, x: str = "n_fds", y: str = "median") -> f
 
 
 def format_summary(points: pd.DataFrame, unit: str = "ms") -> pd.DataFrame:
-    """A :func:`summarize` table for reading: sizes in binary units, times in ``unit`` (ms or µs)."""
+    """A :func:`summarize` table for reading: sizes in binary units, the median with its 95% interval
+    as text ("1.87 [1.55, 2.10]" in ``unit``: ms, µs or s), p5/p95 in ``unit``, trials and failed trials."""
     scale = {"ms": 1e6, "µs": 1e3, "s": 1e9}[unit]
     out = points.copy()
     out["ram_bytes"] = [("" if pd.isna(v) else fmt_bytes(float(v))) for v in out["ram_bytes"]]
     out["n_fds"] = [("" if pd.isna(v) else str(int(v))) for v in out["n_fds"]]
     out["live"] = [live_label(v) for v in out["live"]]
-    for col in ("median", "p5", "p95"):
+    out[f"median [95% CI] ({unit})"] = [
+        fmt_interval(Interval(m / scale, lo / scale, hi / scale, int(n)))
+        for m, lo, hi, n in zip(out.pop("median"), out.pop("ci_low"), out.pop("ci_high"), out["n"])]
+    for col in ("p5", "p95"):
         out[f"{col} ({unit})"] = (out.pop(col) / scale).round(3)
+    if "peer_version" in out and not (out["peer_version"].fillna("") != "").any():
+        out = out.drop(columns="peer_version")
     return out.rename(columns={"ram_bytes": "RAM", "n_fds": "fds"})
 
 

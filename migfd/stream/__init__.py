@@ -27,6 +27,7 @@ from migfd.stream.reader import (
     SectionFooter,
     SectionFull,
     SectionHeader,
+    SectionOpaque,
     StreamReader,
     VMDescription,
 )
@@ -59,7 +60,7 @@ __all__ = [
     "Bool", "Buffer", "Command", "CommandRecord", "Configuration", "EndOfState",
     "Event", "Fd", "FdRecord", "Field", "Header", "Int", "Int8", "Int16", "Int32", "Int64",
     "List", "MemorySink", "PageBatch", "RamBlock", "RamMemSize", "RamPage", "RamPageRun", "ReturnPathMessage",
-    "SectionFooter", "SectionFull", "SectionHeader", "SectionType", "StreamError",
+    "SectionFooter", "SectionFull", "SectionHeader", "SectionOpaque", "SectionType", "StreamError",
     "StreamReader", "StreamWriter", "Struct", "Subsection", "UInt8", "UInt16", "UInt32",
     "UInt64", "VArray", "VBuffer", "VMDescription", "VMStateDescription", "vmsd_from_vmdesc",
 ]

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from migfd.fds import close_fds
-from migfd.stream.constants import FD_SERVICE_BYTE, QEMU_VM_FILE_MAGIC, TARGET_PAGE_SIZE, Command, SectionType
+from migfd.stream.constants import (
+    FD_SERVICE_BYTE,
+    QEMU_VM_FILE_MAGIC,
+    TARGET_PAGE_SIZE,
+    SectionType,
+    command_name,
+)
 from migfd.stream.reader import (
     NEED_DATA,
     CommandRecord,
@@ -28,6 +34,7 @@ from migfd.stream.reader import (
     SectionFooter,
     SectionFull,
     SectionHeader,
+    SectionOpaque,
     StreamReader,
     VMDescription,
 )
@@ -186,14 +193,12 @@ def _records(ev: Event, start: int, end: int, header: SectionHeader | None,
         yield AnnotatedRecord(start, size, kind if ev.type is SectionType.START else f"EOS + {kind}", ev.name,
                               f"closes section id {ev.section_id} ('{ev.name}')")
     elif isinstance(ev, CommandRecord):
-        try:
-            name = Command(ev.command).name
-        except ValueError:
-            name = str(ev.command)
         yield AnnotatedRecord(start, size, _kind("command", SectionType.COMMAND), "",
-                              f"{name}, {len(ev.data)} data bytes")
+                              f"{command_name(ev.command)}, {len(ev.data)} data bytes")
     elif isinstance(ev, SectionFull):
         yield from _full_section(ev, start, end, fd_at)
+    elif isinstance(ev, SectionOpaque):
+        yield from _opaque_section(ev, start, end)
     elif isinstance(ev, EndOfState):
         yield AnnotatedRecord(start, size, _kind("EOF", SectionType.EOF), "", "all device state sent")
     elif isinstance(ev, VMDescription):
@@ -204,6 +209,22 @@ def _records(ev: Event, start: int, end: int, header: SectionHeader | None,
 
 def _section(header: SectionHeader | None) -> str:
     return header.name if header is not None else ""
+
+
+def _opaque_section(ev: SectionOpaque, start: int, end: int) -> Iterator[AnnotatedRecord]:
+    """A section without description as header, payload (not decoded) and footer."""
+    header_len = len(section_header(ev.type, ev.section_id, ev.name, ev.instance_id, ev.version_id))
+    footer_at = end - len(section_footer(ev.section_id))
+    what = (f"'{ev.name}' instance {ev.instance_id} version {ev.version_id}"
+            if ev.type in (SectionType.START, SectionType.FULL) else f"('{ev.name}')")
+    yield AnnotatedRecord(start, header_len, _kind(f"section {ev.type.name}", ev.type), ev.name,
+                          f"section id {ev.section_id}, {what}")
+    if footer_at > start + header_len:
+        yield AnnotatedRecord(start + header_len, footer_at - start - header_len, "payload", ev.name,
+                              "not decoded: no description of its fields; it ends at the first footer "
+                              "with its id that a plausible record follows")
+    yield AnnotatedRecord(footer_at, end - footer_at, _kind("footer", SectionType.SECTION_FOOTER), ev.name,
+                          f"closes section id {ev.section_id}")
 
 
 def _full_section(ev: SectionFull, start: int, end: int, fd_at: Sequence[int]) -> Iterator[AnnotatedRecord]:

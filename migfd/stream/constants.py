@@ -30,14 +30,30 @@ class SectionType(enum.IntEnum):
 
 
 class Command(enum.IntEnum):
-    """QEMU's MIG_CMD_* numbers (be16 on the wire)."""
+    """QEMU's MIG_CMD_* numbers (be16 on the wire), enum qemu_vm_cmd of migration/savevm.c."""
 
     OPEN_RETURN_PATH = 1  #: the destination opens its return path
     PING = 2  #: be32 value, answered by PONG on the return path
+    POSTCOPY_ADVISE = 3  #: postcopy may follow (page sizes)
+    POSTCOPY_LISTEN = 4  #: the destination starts listening for page requests
+    POSTCOPY_RUN = 5  #: the destination runs the guest
+    POSTCOPY_RAM_DISCARD = 6  #: pages sent in precopy that are dirty again
+    PACKAGED = 7  #: be32 length, then a whole stream wrapped in this one
+    ENABLE_COLO = 8  #: COLO fault tolerance follows
+    POSTCOPY_RESUME = 9  #: postcopy resumes after a recovery
+    RECV_BITMAP = 10  #: the source asks for the received-pages bitmap
     SWITCHOVER_START = 11  #: the source is about to send the final state
 
 
-#: Payload length of each command we understand; others are refused.
+def command_name(command: int) -> str:
+    """QEMU's name of a MIG_CMD number (without MIG_CMD_), or the number for one QEMU does not have."""
+    try:
+        return Command(command).name
+    except ValueError:
+        return str(command)
+
+
+#: Payload length of each command migfd acts on; migfd sends and answers no others.
 COMMAND_LENGTH = {
     Command.OPEN_RETURN_PATH: 0,
     Command.PING: 4,

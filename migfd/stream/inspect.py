@@ -2,7 +2,9 @@
 
 The file is read once, by :func:`migfd.stream.annotate.walk`, with device
 sections laid out by the stream's own device description
-(:mod:`migfd.stream.vmdesc`).
+(:mod:`migfd.stream.vmdesc`). A section it does not describe -- all of them
+when QEMU saved with ``suppress-vmdesc=on`` -- is delimited by its footer and
+listed with offset and size, not decoded; RAM and commands need no description.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from migfd.errors import MigrationError, StreamError
 from migfd.stream.annotate import AnnotatedEvent, walk
-from migfd.stream.constants import QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, SectionType
+from migfd.stream.constants import QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, SectionType, command_name
 from migfd.stream.reader import (
     CommandRecord,
     Configuration,
@@ -22,6 +24,7 @@ from migfd.stream.reader import (
     RamPageRun,
     SectionFooter,
     SectionFull,
+    SectionOpaque,
     StreamReader,
     VMDescription,
 )
@@ -44,6 +47,13 @@ class StreamSummary:
     ram_zero_pages: int = 0
     ram_normal_pages: int = 0
     vmdesc: dict | None = None
+    #: bytes of the vmdesc record (0x06, be32 length, JSON); None without one
+    vmdesc_size: int | None = None
+
+    @property
+    def opaque_sections(self) -> int:
+        """How many sections were delimited by their footers, not decoded."""
+        return sum(1 for sec in self.sections if not sec["decoded"])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +67,7 @@ class StreamSummary:
             "ram": {"blocks": self.ram_blocks, "zero_pages": self.ram_zero_pages,
                     "normal_pages": self.ram_normal_pages},
             "vmdesc": self.vmdesc,
+            "vmdesc_size": self.vmdesc_size,
         }
 
 
@@ -68,7 +79,8 @@ def inspect_stream(path: str) -> StreamSummary:
     except OSError as exc:
         raise MigrationError(f"cannot read {path}: {exc.strerror}") from exc
     summary = StreamSummary(path, size)
-    reader = StreamReader(lookup_from_vmdesc(find_vmdesc(path)), ram_runs=True)
+    # Inspection, not loading: a section the vmdesc does not describe is listed, not refused.
+    reader = StreamReader(lookup_from_vmdesc(find_vmdesc(path)), ram_runs=True, unknown_sections="delimit")
     try:
         with f:
             for item in walk(reader, iter(lambda: f.read(CHUNK_BYTES), b"")):
@@ -106,18 +118,22 @@ def _note(s: StreamSummary, item: AnnotatedEvent) -> None:
     elif isinstance(event, SectionFull):
         s.sections.append(_section(SectionType.FULL, event.section_id, event.name,
                                    event.instance_id, event.version_id, event.offset, event.size))
+    elif isinstance(event, SectionOpaque):
+        s.sections.append(_section(event.type, event.section_id, event.name, event.instance_id,
+                                   event.version_id, event.offset, event.size, decoded=False))
     elif isinstance(event, CommandRecord):
-        s.commands.append({"command": event.command, "offset": event.offset,
-                           "length": len(event.data)})
+        s.commands.append({"command": event.command, "name": command_name(event.command),
+                           "offset": event.offset, "length": len(event.data)})
     elif isinstance(event, VMDescription):
         s.vmdesc = event.description
+        s.vmdesc_size = event.size
 
 
 def _section(kind: SectionType, section_id: int, name: str, instance_id: int,
-             version_id: int, offset: int, size: int) -> dict:
+             version_id: int, offset: int, size: int, decoded: bool = True) -> dict:
     return {"type": kind.name, "section_id": section_id, "name": name,
             "instance_id": instance_id, "version_id": version_id,
-            "offset": offset, "size": size}
+            "offset": offset, "size": size, "decoded": decoded}
 
 
 def format_summary(s: StreamSummary) -> str:
@@ -126,13 +142,16 @@ def format_summary(s: StreamSummary) -> str:
     if s.configuration:
         caps = ", ".join(s.configuration["capabilities"]) or "none"
         lines.append(f"configuration: machine {s.configuration['machine']}, capabilities: {caps}")
+    else:
+        lines.append("configuration: none")
     lines.append("")
     lines.append(f"{'type':<6} {'id':>4}  {'name':<28} {'inst':>4} {'ver':>4} {'offset':>12} {'size':>12}")
     for sec in s.sections:
-        lines.append(f"{sec['type']:<6} {sec['section_id']:>4}  {sec['name']:<28} {sec['instance_id']:>4} "
-                     f"{sec['version_id']:>4} {sec['offset']:>12} {sec['size']:>12}")
+        lines.append((f"{sec['type']:<6} {sec['section_id']:>4}  {sec['name']:<28} {sec['instance_id']:>4} "
+                      f"{sec['version_id']:>4} {sec['offset']:>12} {sec['size']:>12}"
+                      + ("" if sec["decoded"] else "  not decoded")).rstrip())
     for cmd in s.commands:
-        lines.append(f"COMMAND {cmd['command']} at {cmd['offset']} ({cmd['length']} bytes)")
+        lines.append(f"COMMAND {cmd['name']} ({cmd['command']}) at {cmd['offset']} ({cmd['length']} data bytes)")
     if s.ram_blocks:
         lines.append("")
         lines.append("RAM blocks:")
@@ -140,8 +159,10 @@ def format_summary(s: StreamSummary) -> str:
             lines.append(f"  {b['id']:<30} {b['length']:>14} bytes")
         lines.append(f"  pages: {s.ram_normal_pages} normal, {s.ram_zero_pages} zero")
     lines.append("")
+    opaque = s.opaque_sections
     if s.vmdesc is None:
-        lines.append("device description: none")
+        lines.append(f"no device description: {_sections(opaque)} delimited by their footers, not decoded"
+                     if opaque else "device description: none")
     else:
         devices = s.vmdesc.get("devices", [])
         lines.append(f"device description: {len(devices)} devices")
@@ -150,4 +171,11 @@ def format_summary(s: StreamSummary) -> str:
                 nfields = len(dev.get("fields", []) or [])
                 lines.append(f"  {dev.get('name')}/{dev.get('instance_id')} vmsd {dev.get('vmsd_name')} "
                              f"version {dev.get('version')}: {nfields} fields")
+        if opaque:
+            lines.append(f"{_sections(opaque)} not in the device description: delimited by their footers, "
+                         "not decoded")
     return "\n".join(lines)
+
+
+def _sections(n: int) -> str:
+    return f"{n} section" if n == 1 else f"{n} sections"

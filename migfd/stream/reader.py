@@ -16,6 +16,10 @@ else escapes (the fuzz tests hold the reader to that).
 Fds are queued in arrival order; an fd field takes the oldest one when its
 service byte is parsed. Events hand fds over to the caller, who then owns
 them; :meth:`close` closes any fd still queued.
+
+A section the reader has no description for is an error, as it is for QEMU's
+loader; only for inspection, ``unknown_sections="delimit"`` makes it a
+:class:`SectionOpaque` instead, cut at its footer (:mod:`migfd.stream.delimit`).
 """
 
 from __future__ import annotations
@@ -25,11 +29,19 @@ import json
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from migfd.errors import StreamError
 from migfd.fds import close_fds
 from migfd.stream import ram
+from migfd.stream.delimit import (
+    LOOKAHEAD_BYTES,
+    NoFooterWithin,
+    SectionIds,
+    Undecided,
+    find_footer,
+    follows_footer,
+)
 from migfd.stream.constants import (
     COMMAND_LENGTH,
     QEMU_VM_FILE_MAGIC,
@@ -118,6 +130,24 @@ class SectionFull:
 
 
 @dataclass(frozen=True, slots=True)
+class SectionOpaque:
+    """A whole section the reader has no description for, delimited by its footer, not decoded.
+
+    Only with ``unknown_sections="delimit"``: a FULL section without a vmsd,
+    or a START/PART/END of an iterable section other than RAM version 4.
+    ``size`` covers header, payload and footer.
+    """
+
+    type: SectionType
+    section_id: int
+    name: str
+    instance_id: int
+    version_id: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class RamMemSize:
     """The RAM block list of the RAM START."""
 
@@ -181,8 +211,8 @@ class VMDescription:
     size: int
 
 
-Event = (Header | Configuration | SectionHeader | SectionFooter | SectionFull | RamMemSize
-         | RamPage | RamPageRun | CommandRecord | EndOfState | VMDescription)
+Event = (Header | Configuration | SectionHeader | SectionFooter | SectionFull | SectionOpaque
+         | RamMemSize | RamPage | RamPageRun | CommandRecord | EndOfState | VMDescription)
 
 
 class _State(enum.Enum):
@@ -196,6 +226,7 @@ class _State(enum.Enum):
 
 
 Lookup = Callable[[str, int, int], VMStateDescription | None]
+UnknownSections = Literal["error", "delimit"]
 
 
 @dataclass
@@ -216,11 +247,21 @@ class StreamReader:
     returns one (or None for "unknown section"). With ``ram_runs``, runs of
     page records come as one :class:`RamPageRun` instead of one
     :class:`RamPage` each: the same records, read at memory speed.
+
+    ``unknown_sections`` says what a section without a description is:
+    ``"error"`` (a destination must refuse what it cannot load) or, for
+    inspection, ``"delimit"``: a :class:`SectionOpaque`, found by its footer,
+    of at most ``max_record_bytes`` less the bytes that checking the next
+    record takes. Fds in it stay queued (nothing says where its fd fields are).
     """
 
     def __init__(self, vmsds: Mapping[str, VMStateDescription] | Lookup | None = None, *,
                  max_record_bytes: int = MAX_RECORD_BYTES,
-                 max_queued_fds: int = MAX_QUEUED_FDS, ram_runs: bool = False):
+                 max_queued_fds: int = MAX_QUEUED_FDS, ram_runs: bool = False,
+                 unknown_sections: UnknownSections = "error"):
+        if unknown_sections not in ("error", "delimit"):
+            raise ValueError(f"unknown_sections must be 'error' or 'delimit', not {unknown_sections!r}")
+        self.unknown_sections = unknown_sections
         self.ram_runs = ram_runs
         if vmsds is None:
             vmsds = {}
@@ -239,6 +280,10 @@ class StreamReader:
         self._state = _State.HEADER
         # section id -> (name, instance_id, version_id), learnt from START
         self._sections: dict[int, tuple[str, int, int]] = {}
+        self._ids = SectionIds()  # what a record after a footer may refer to (delimit mode)
+        self._opaque_ids: set[int] = set()  # iterable sections without description
+        # (stream offset of an opaque section, stream offset to resume its footer search)
+        self._search: tuple[int, int] | None = None
         self._open: _Open | None = None
         self._ram_blocks: dict[str, int] = {}
         self._ram_last_block: str | None = None
@@ -393,7 +438,17 @@ class StreamReader:
             instance_id = cur.be32()
             version_id = cur.be32()
             if kind == SectionType.FULL:
-                return self._parse_full(cur, at, section_id, name, instance_id, version_id)
+                vmsd = self._lookup(name, instance_id, version_id)
+                if vmsd is None and self.unknown_sections == "delimit":
+                    return self._parse_opaque(cur, at, SectionType.FULL, section_id, name,
+                                              instance_id, version_id)
+                return self._parse_full(cur, at, vmsd, section_id, name, instance_id, version_id)
+            if (self.unknown_sections == "delimit"
+                    and (name, version_id) != (RAM_SECTION_NAME, RAM_SECTION_VERSION)):
+                if section_id in self._sections:
+                    raise cur.error(f"section id {section_id} started twice", at)
+                return self._parse_opaque(cur, at, SectionType.START, section_id, name,
+                                          instance_id, version_id)
             if name != RAM_SECTION_NAME:
                 raise cur.error(f"iterable section '{name}' is not supported (only '{RAM_SECTION_NAME}')", at)
             if version_id != RAM_SECTION_VERSION:
@@ -401,6 +456,7 @@ class StreamReader:
             if section_id in self._sections:
                 raise cur.error(f"section id {section_id} started twice", at)
             self._sections[section_id] = (name, instance_id, version_id)
+            self._ids.note(SectionType.START, section_id)
             self._open = _Open(SectionType.START, section_id, name, at)
             self._state = _State.RAM_START
             return SectionHeader(SectionType.START, section_id, name, instance_id, version_id, at)
@@ -410,6 +466,9 @@ class StreamReader:
             if known is None:
                 raise cur.error(f"{SectionType(kind).name} for section id {section_id}, which never started", at)
             name, instance_id, version_id = known
+            if section_id in self._opaque_ids:
+                return self._parse_opaque(cur, at, SectionType(kind), section_id, name,
+                                          instance_id, version_id)
             self._open = _Open(SectionType(kind), section_id, name, at)
             self._state = _State.RAM_RECORDS
             return SectionHeader(SectionType(kind), section_id, name, instance_id, version_id, at)
@@ -457,13 +516,13 @@ class StreamReader:
         self._capabilities = capabilities
         return Configuration(machine, capabilities, page_bits, at, cur.offset - at)
 
-    def _parse_full(self, cur: Cursor, at: int, section_id: int, name: str,
-                    instance_id: int, version_id: int) -> SectionFull:
-        vmsd = self._lookup(name, instance_id, version_id)
+    def _parse_full(self, cur: Cursor, at: int, vmsd: VMStateDescription | None, section_id: int,
+                    name: str, instance_id: int, version_id: int) -> SectionFull:
         if vmsd is None:
             raise cur.error(f"unknown section '{name}' (instance {instance_id})", at)
         state = load_vmstate(cur, vmsd, version_id)
         self._footer(cur, section_id)
+        self._ids.note(SectionType.FULL, section_id)
         fds = tuple(cur.fds[i] for i in range(cur.fds_taken))
         return SectionFull(section_id, name, instance_id, version_id, vmsd.name, state,
                            at, cur.offset - at, fds)
@@ -481,10 +540,43 @@ class StreamReader:
         opened = self._open
         assert opened is not None
         self._footer(cur, opened.section_id)
+        self._ids.note(opened.type, opened.section_id)
         self._open = None
         self._state = _State.TOP
         return SectionFooter(opened.type, opened.section_id, opened.name, opened.offset,
                              cur.offset - opened.offset)
+
+    def _parse_opaque(self, cur: Cursor, at: int, kind: SectionType, section_id: int, name: str,
+                      instance_id: int, version_id: int) -> SectionOpaque:
+        """A section without description, up to the first footer a plausible record follows."""
+        buf, first = self._buf, self._pos  # the section starts at the cursor's first byte
+        resume = first + cur.pos
+        if self._search is not None and self._search[0] == at:
+            resume = max(resume, self._search[1] - self._base)
+        eof = self._eof
+
+        def follows(i: int) -> bool | None:
+            return follows_footer(buf, i, section=(kind, section_id), ids=self._ids,
+                                  end_of_stream=eof, max_vmdesc_bytes=MAX_VMDESC_BYTES)
+        try:
+            found = find_footer(buf, resume, first + self.max_record_bytes - LOOKAHEAD_BYTES,
+                                section_id, follows)
+        except Undecided as more:
+            if eof:
+                raise cur.error(f"section '{name}' (id {section_id}) has no footer before the end "
+                                "of the stream", at) from None
+            self._search = (at, self._base + more.resume)
+            raise NeedData from None
+        except NoFooterWithin:
+            raise cur.error(f"no footer of section '{name}' (id {section_id}) within "
+                            f"{self.max_record_bytes - LOOKAHEAD_BYTES} bytes", at) from None
+        self._search = None
+        cur.skip(found + 5 - first - cur.pos)
+        self._ids.note(kind, section_id)
+        if kind is SectionType.START:
+            self._sections[section_id] = (name, instance_id, version_id)
+            self._opaque_ids.add(section_id)
+        return SectionOpaque(kind, section_id, name, instance_id, version_id, at, cur.offset - at)
 
     def _parse_vmdesc(self, cur: Cursor) -> VMDescription:
         at = cur.offset

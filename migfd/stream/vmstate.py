@@ -71,6 +71,12 @@ class Cursor:
         self.pos += n
         return out
 
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes without copying them (they were looked at already)."""
+        if self.pos + n > len(self.data):
+            raise NeedData
+        self.pos += n
+
     def starts_with(self, prefix: bytes) -> bool:
         """Whether the next bytes are ``prefix``, consuming nothing.
 

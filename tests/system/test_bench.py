@@ -130,10 +130,20 @@ def test_metadata(run):
         assert meta["scenarios"][name]["ran"] is True
     assert meta["rows"] == len(read_rows(run)[1])
     assert meta["failed_rows"] == 4
+    # what could bias the run
+    for key in ("loadavg_start", "loadavg_end", "busy_processes_start", "busy_processes_end",
+                "cpu_governor", "socket_limits"):
+        assert key in meta, key
+    assert meta["socket_limits"]["net.core.rmem_max"] > 0 and "net.unix.max_dgram_qlen" in meta["socket_limits"]
+    assert all({"pid", "comm", "cpu_percent"} <= set(p) for p in meta["busy_processes_start"])
+    # trials per point, and why no more: --trials fixes the count
+    points = meta["scenarios"]["ram-size"]["trials_per_point"]
+    assert len(points) == 8 and all(p["trials"] == 1 and p["reason"] == "fixed" for p in points)
 
 
 def test_skipped_scenario_is_recorded_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(qemu, "QEMU_BINARY", "qemu-system-migfd-absent")
+    monkeypatch.delenv(qemu.QEMU_ENV, raising=False)  # no QEMU at all, not even one given
     out = tmp_path / "skip"
     assert bench(out, ["qemu-peer"]) == 0
     meta = json.loads((out / "metadata.json").read_text())
@@ -150,8 +160,32 @@ def test_unknown_scenario_is_refused(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_no_process_or_file_left_behind(run):
-    # every VM and limits child was started by this process and must be gone
+@pytest.fixture(scope="module")
+def qemu_run(tmp_path_factory) -> Path:
+    """qemu-peer at one tiny RAM size, one trial: the scenario that makes /dev/shm files for RAM."""
+    try:
+        found = qemu.find_qemus([])
+    except Exception as exc:  # a broken QEMU install: say so, as the scenario would
+        pytest.skip(f"no usable QEMU: {exc}")
+    if not found:
+        pytest.skip(f"{qemu.QEMU_BINARY} is not installed: qemu-peer cannot run here")
+    out = tmp_path_factory.mktemp("bench-qemu") / "run"
+    assert bench(out, ["qemu-peer"], ram_sizes=[16 * MiB]) == 0
+    return out
+
+
+def test_qemu_peer_ran_and_left_no_ram_file(qemu_run):
+    _, rows = read_rows(qemu_run)
+    meta = json.loads((qemu_run / "metadata.json").read_text())
+    assert meta["scenarios"]["qemu-peer"]["ran"] is True, meta["scenarios"]["qemu-peer"]
+    assert any(r["scenario"] == "qemu-peer" and r["ok"] == "True" for r in rows)
+    # its RAM files (named after this process) are gone, and so are its QEMUs
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"migfd-bench-{os.getpid()}-")]
+    assert _children() == []
+
+
+def _children() -> list[str]:
+    """Processes whose parent is this one (every VM, QEMU and limits child of a run must be gone)."""
     children = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -163,5 +197,8 @@ def test_no_process_or_file_left_behind(run):
             continue
         if ppid == os.getpid():
             children.append(pid)
-    assert children == []
-    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"migfd-bench-{os.getpid()}-")]
+    return children
+
+
+def test_no_process_left_behind(run):
+    assert _children() == []

@@ -1,5 +1,5 @@
-"""``migfd inspect`` on real streams: written by QEMU 7.2 itself, and by ``file:``
-migrations of real ``migfd vm`` processes.
+"""``migfd inspect`` on real streams: written by QEMU 7.2 and 10.0 themselves (with and
+without a device description), and by ``file:`` migrations of real ``migfd vm`` processes.
 
 The QEMU streams are described in tests/data/qemu/README.md; the offsets below
 come from an independent walk of those files (/work/notes/vmdesc/*.walk.txt),
@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 from conftest import VMGroup
 
+from migfd.errors import StreamError
 from migfd.stream import StreamReader
 from migfd.stream.annotate import walk
+from migfd.stream.inspect import format_summary, inspect_stream
 from migfd.stream.vmdesc import find_vmdesc, lookup_from_vmdesc
 
 pytestmark = pytest.mark.timeout(120)
@@ -195,6 +197,134 @@ def test_inspect_of_something_else_is_one_line_error(workdir, content):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# -- QEMU 10.0's streams, and streams without a device description ----------------------------
+# (tests/unit/test_fuzz_corpus.py reads them with the reader alone, fuzzed and byte by byte)
+
+#: file -> what QEMU 10.0, or QEMU without a vmdesc, wrote (README.md and the same independent walk)
+QEMU_STREAMS_10_NOVMDESC = {
+    "10.0-pc-16m-novmdesc.bin": dict(
+        vmdesc=False, machine=None, normal=114, zero=4112, ram_id=1, switchover=505144, full=30,
+        first_full=("timer", 0, 505167, 48), last_full=("globalstate", 39, 517921, 134), device_bytes=12888),
+    "7.2-pc-16m-novmdesc.bin": dict(
+        vmdesc=False, machine=None, normal=115, zero=4115, ram_id=2, switchover=None, full=30,
+        first_full=("timer", 0, 509300, 48), last_full=("globalstate", 40, 522054, 134), device_bytes=12888),
+    "10.0-pc-16m-ran1s.bin": dict(
+        vmdesc=True, machine="pc-i440fx-10.0", normal=114, zero=4112, ram_id=1, switchover=505163, full=30,
+        first_full=("timer", 0, 505186, 48), last_full=("globalstate", 39, 517940, 134), device_bytes=12888),
+    "10.0-q35-16m-ran1s.bin": dict(
+        vmdesc=True, machine="pc-q35-10.0", normal=121, zero=4105, ram_id=1, switchover=533825, full=29,
+        first_full=("timer", 0, 533848, 48), last_full=("globalstate", 38, 566225, 134), device_bytes=32511),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QEMU_STREAMS_10_NOVMDESC))
+def test_inspect_reads_qemu_streams_with_and_without_vmdesc(name):
+    want = QEMU_STREAMS_10_NOVMDESC[name]
+    path = DATA / name
+    data = path.read_bytes()
+    summary = inspect_stream(str(path)).to_json()
+
+    assert summary["size"] == len(data)
+    if want["machine"] is None:
+        assert summary["configuration"] is None
+    else:
+        assert summary["configuration"]["machine"] == want["machine"]
+    assert [(b["id"], b["length"]) for b in summary["ram"]["blocks"]] == PC_BLOCKS
+    assert (summary["ram"]["normal_pages"], summary["ram"]["zero_pages"]) == (want["normal"], want["zero"])
+
+    sections = summary["sections"]
+    assert [(s["type"], s["name"], s["section_id"], s["decoded"]) for s in sections[:3]] == [
+        (kind, "ram", want["ram_id"], True) for kind in ("START", "PART", "END")]
+    full = sections[3:]
+    assert len(full) == want["full"] and {s["type"] for s in full} == {"FULL"}
+    assert {s["decoded"] for s in full} == {want["vmdesc"]}
+    assert (full[0]["name"], full[0]["section_id"], full[0]["offset"], full[0]["size"]) == want["first_full"]
+    assert (full[-1]["name"], full[-1]["section_id"], full[-1]["offset"], full[-1]["size"]) == want["last_full"]
+    assert sum(s["size"] for s in full) == want["device_bytes"]
+    check_sections_against_bytes(data, sections)
+    eof = full[-1]["offset"] + full[-1]["size"]
+    assert data[eof] == 0x00
+
+    if want["switchover"] is None:
+        assert summary["commands"] == []  # QEMU 7.2 has no SWITCHOVER_START
+    else:
+        assert summary["commands"] == [
+            {"command": 11, "name": "SWITCHOVER_START", "offset": want["switchover"], "length": 0}]
+        assert data[want["switchover"]:want["switchover"] + 5] == b"\x08\x00\x0b\x00\x00"
+    if want["vmdesc"]:
+        assert summary["vmdesc_size"] == len(data) - eof - 1
+        assert [d["name"] for d in summary["vmdesc"]["devices"]] == [s["name"] for s in full]
+    else:
+        assert (summary["vmdesc"], summary["vmdesc_size"]) == (None, None)
+        assert eof == len(data) - 1  # EOF is the last byte
+
+
+def test_text_form_of_a_stream_with_vmdesc_is_unchanged_by_the_mode():
+    text = format_summary(inspect_stream(str(DATA / "10.0-q35-16m-ran1s.bin")))
+    assert "not decoded" not in text and "delimited" not in text
+    assert "device description: 29 devices" in text
+    assert "COMMAND SWITCHOVER_START (11) at 533825" in text
+
+
+@pytest.mark.parametrize("cut", [600, 505150, 505167 + 20, 518055], ids=[
+    "in-ram-part", "in-ram-end", "in-a-device-section", "before-eof"])
+def test_a_truncated_stream_without_vmdesc_is_a_stream_error(workdir, cut):
+    path = Path(workdir) / "cut.bin"
+    path.write_bytes((DATA / "10.0-pc-16m-novmdesc.bin").read_bytes()[:cut])
+    with pytest.raises(StreamError):
+        inspect_stream(str(path))
+
+
+def test_a_stream_with_a_section_missing_from_its_vmdesc_lists_it(workdir):
+    """A vmdesc that leaves a device out: inspect delimits that section and says so, where
+    before it stopped with "unknown section".
+    """
+    data = bytearray((DATA / "10.0-pc-16m-ran1s.bin").read_bytes())
+    # Rename 'timer' (section id 0) to 'tImer' in its header: the vmdesc describes no such device.
+    at = 505186
+    assert data[at + 6:at + 11] == b"timer"
+    data[at + 7] = ord("I")
+    path = Path(workdir) / "renamed.bin"
+    path.write_bytes(bytes(data))
+    summary = inspect_stream(str(path))
+    opaque = [s for s in summary.sections if not s["decoded"]]
+    assert [(s["name"], s["offset"], s["size"]) for s in opaque] == [("tImer", at, 48)]
+    assert "1 section not in the device description: delimited by their footers, not decoded" \
+        in format_summary(summary)
+
+
+@pytest.mark.parametrize("name", ["10.0-pc-16m-novmdesc.bin", "7.2-pc-16m-novmdesc.bin"])
+def test_inspect_cli_delimits_the_sections_of_a_stream_without_vmdesc(name):
+    # the details in process above; here the command a user runs, both forms
+    path = DATA / name
+    data = path.read_bytes()
+    summary = inspect_json(path)
+    assert summary["configuration"] is None and summary["vmdesc"] is None
+    sections = summary["sections"]
+    assert [(s["type"], s["decoded"]) for s in sections[:3]] == [("START", True), ("PART", True), ("END", True)]
+    assert [(s["type"], s["decoded"]) for s in sections[3:]] == [("FULL", False)] * 30
+    check_sections_against_bytes(data, sections)
+    assert sections[-1]["offset"] + sections[-1]["size"] == len(data) - 1  # then EOF, the last byte
+    out = inspect_cli(path)
+    assert out.returncode == 0, out.stderr
+    assert "no device description: 30 sections delimited by their footers, not decoded" in out.stdout
+    assert ("COMMAND SWITCHOVER_START (11) at 505144" in out.stdout) == name.startswith("10.0")
+    assert "configuration: none" in out.stdout
+    timer = next(line for line in out.stdout.splitlines() if " timer " in line)
+    assert timer.split()[-2:] == ["not", "decoded"]
+
+
+def test_inspect_of_a_truncated_stream_without_vmdesc_is_one_line_error(workdir):
+    path = Path(workdir) / "cut.bin"
+    # cut inside 0000:00:01.3/piix4_pm, section id 16, at 508984 .. 511456
+    path.write_bytes((DATA / "10.0-pc-16m-novmdesc.bin").read_bytes()[:510_000])
+    out = inspect_cli(path)
+    assert out.returncode != 0 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "migfd inspect: error: section '0000:00:01.3/piix4_pm' (id 16) has no footer before the end "
+        "of the stream (at byte offset 508984)"]
 
 
 # -- streams written by migfd VMs ---------------------------------------------------------------

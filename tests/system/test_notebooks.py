@@ -2,7 +2,8 @@
 
 02 and 03 run on the committed reference run (``benchmarks/reference/``, the
 newest one) or on the directory in $MIGFD_RESULTS; without either they skip
-with the reason. 01 needs no results and no root: it starts two real
+with the reason. 04 compares the reference run with a doctored copy of it
+(every time × 3). 01 needs no results and no root: it starts two real
 ``migfd vm`` processes. Each notebook is executed once for the whole module
 (the same executed notebooks make the report), so the file takes well under
 two minutes.
@@ -13,19 +14,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from migfd.errors import MigrationError
 from migfd.paths import repo_root
 from migfd.results import report
-from migfd.results.load import RESULTS_ENV, find_results, load_results, newest_run
+from migfd.results.compare import BASE_ENV, NEW_ENV, compare
+from migfd.results.load import RESULTS_ENV, find_results, load_results, load_run, newest_run
+from migfd.results.targets import targets
 
 NOTEBOOKS = report.NOTEBOOK_DIR
-RESULT_NOTEBOOKS = ("02-downtime", "03-packet-loss")
+RESULT_NOTEBOOKS = ("02-downtime", "03-packet-loss", "05-anatomy")
 
 
 def results_dir() -> Path | None:
@@ -67,7 +72,7 @@ def test_committed_notebooks_have_no_outputs():
         assert '"execution_count": null' in text or '"cell_type": "code"' not in text
         nb = json.loads(text)
         params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-        if path.stem in RESULT_NOTEBOOKS:
+        if path.stem in RESULT_NOTEBOOKS or path.stem == "04-compare":
             assert len(params) == 1 and "results_dir = None" in "".join(params[0]["source"])
 
 
@@ -96,6 +101,55 @@ def test_result_notebooks_run(executed, name):
     assert str(RESULTS) in markdown  # it says which run it shows
 
 
+def verdict_cells(nb) -> list[str]:
+    """The verdict column of the targets table the notebook displayed (its HTML output)."""
+    page = next(o["data"]["text/html"] for o in outputs(nb) if "verdict" in o.get("data", {}).get("text/html", ""))
+    header = re.findall(r"<th[^>]*>(.*?)</th>", re.search(r"<thead>(.*?)</thead>", page, re.S).group(1), re.S)
+    at = [h.strip() for h in header].index("verdict")
+    body = re.search(r"<tbody>(.*?)</tbody>", page, re.S).group(1)
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)[at].strip()
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+@pytest.mark.skipif(RESULTS is None, reason=NO_RESULTS)
+@pytest.mark.timeout(240)
+def test_targets_table_shows_the_runs_verdicts(executed):
+    # every target's name contains "fd-passing": the page always holds "pass", so the check
+    # is on the verdict column itself, against the verdicts computed from the same run
+    df, meta = load_results(RESULTS)
+    expected = list(targets(df, meta)["verdict"])
+    assert verdict_cells(executed("02-downtime")) == expected
+    assert set(expected) <= {"pass", "fail", "inconclusive", "not-measured"}
+
+
+@pytest.fixture(scope="module")
+def slowed_run(tmp_path_factory) -> Path:
+    """The results under test with every downtime and total time × 3: a run that regressed."""
+    if RESULTS is None:
+        pytest.skip(NO_RESULTS)
+    out = tmp_path_factory.mktemp("slowed") / "run"
+    shutil.copytree(RESULTS, out)
+    df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
+    for col in ("downtime_ns", "total_ns"):
+        df[col] = [str(int(v) * 3) if v else "" for v in df[col]]
+    df.to_csv(out / "results.csv", index=False)
+    return out
+
+
+@pytest.mark.skipif(RESULTS is None, reason=NO_RESULTS)
+@pytest.mark.timeout(240)
+def test_compare_notebook_shows_the_regression(slowed_run, tmp_path, monkeypatch):
+    monkeypatch.setenv(BASE_ENV, str(RESULTS))
+    monkeypatch.setenv(NEW_ENV, str(slowed_run))
+    nb = report.execute_notebook(NOTEBOOKS / "04-compare.ipynb", slowed_run, tmp_path)
+    assert not list(outputs(nb, "error"))
+    assert [o for o in outputs(nb) if "image/png" in o.get("data", {})]  # the forest plot
+    markdown = "".join(o["data"].get("text/markdown", "") for o in outputs(nb, "display_data"))
+    changes = compare(load_run(RESULTS)[0], load_run(slowed_run)[0])
+    n = int((changes["verdict"] == "regressed").sum())
+    assert n > 0 and f"{n} regressed, 0 improved" in markdown
+
+
 @pytest.mark.skipif(RESULTS is None, reason=NO_RESULTS)
 @pytest.mark.timeout(240)
 def test_report_page_is_self_contained(executed, tmp_path):
@@ -105,10 +159,39 @@ def test_report_page_is_self_contained(executed, tmp_path):
     assert html.count("data:image/png;base64,") >= 5
     assert not re.search(r'<script[^>]*\ssrc=', html)  # nothing loaded from elsewhere
     assert not re.search(r'<img[^>]*\ssrc="(?!data:)', html)
-    assert "Targets" in html and any(v in html for v in ("pass", "fail", "not-measured"))
+    assert "Targets" in html
     # code of the result notebooks is hidden, the tour's is shown
     assert "plot_downtime_vs_ram(df, meta)" not in html
     assert "write_configuration" in html
+
+
+@pytest.mark.skipif(RESULTS is None, reason=NO_RESULTS)
+def test_the_report_carries_its_run_for_migfd_compare(tmp_path, monkeypatch):
+    # build_report without executing the notebooks: what matters here is the page's payload
+    monkeypatch.setattr(report, "notebooks", lambda results=None: [NOTEBOOKS / "03-packet-loss.ipynb"])
+    index = report.build_report(RESULTS, tmp_path / "report")
+    df_page, meta_page = load_run(index)
+    df_dir, meta_dir = load_results(RESULTS)
+    pd.testing.assert_frame_equal(df_page, df_dir)
+    assert meta_page == meta_dir
+    proc = subprocess.run([sys.executable, "-m", "migfd.cli", "compare", str(index), str(RESULTS), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["base"]["kind"] == "html" and doc["changes"]
+    # the same run on both sides: nothing changed
+    assert not [c for c in doc["changes"] if c["verdict"] in ("regressed", "improved")]
+
+
+def test_the_comparison_notebook_only_when_there_is_a_base(monkeypatch):
+    reference = newest_run(repo_root() / "benchmarks" / "reference")
+    monkeypatch.delenv(BASE_ENV, raising=False)
+    monkeypatch.delenv(NEW_ENV, raising=False)
+    if reference is not None:
+        names = [p.name for p in report.notebooks(reference)]
+        assert "04-compare.ipynb" not in names and "02-downtime.ipynb" in names
+    monkeypatch.setenv(BASE_ENV, str(reference or repo_root()))
+    assert "04-compare.ipynb" in [p.name for p in report.notebooks(Path("/elsewhere"))]
 
 
 def test_report_with_missing_results_is_one_line(tmp_path):

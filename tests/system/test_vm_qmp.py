@@ -21,7 +21,8 @@ from qemu.qmp import EventListener, ExecuteError
 pytestmark = pytest.mark.timeout(60)
 
 RAM = "memory-backend-memfd,id=ram0,size=16M,backend-transfer=on"
-DEFAULT_PARAMETERS = {"backend-transfer": False, "downtime-limit": 300, "max-bandwidth": 128 << 20}
+DEFAULT_PARAMETERS = {"backend-transfer": False, "downtime-limit": 300, "max-bandwidth": 128 << 20,
+                      "x-batch-fds": True}
 
 
 def chardev(path: str) -> str:

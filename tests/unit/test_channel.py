@@ -183,12 +183,12 @@ def test_batched_fds_share_messages_and_read_back_identically(no_fd_leak):
         src.put_buffer(b"head")
         for fd in sent[:35]:
             src.put_fd(fd)
-        src.put_buffer(b"mid")  # flushes the pending batch first
+        src.put_buffer(b"mid")  # joins the buffer: the fds ride with the bytes around them
         for fd in sent[35:]:
             src.put_fd(fd)
         src.flush()
         assert src.fds_sent == 40
-        assert src.fd_messages == 4  # 16 + 16 + 3, then 5
+        assert src.fd_messages == 3  # 16, 16, then 3 + 5 around "mid"
         assert src.bytes_sent == 4 + 40 + 3
         assert dst.get_buffer(4) == b"head"
         for fd in sent[:35]:

@@ -2,7 +2,8 @@
 
 The scenario keeps its public name ``limits`` (results.csv, ``--scenario``).
 It runs last: its handover floor replays the fds and device-state bytes that
-this run's fd-passing migrations of a whole VM handed over.
+this run's fd-passing migrations of a whole VM handed over, and its
+throughput floor is measured at the sizes this run's state copies moved.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from migfd.bench.floors import FloorConfig, HandoverProfile, floor_rows
+from migfd.bench.floors import FloorConfig, FloorTap, HandoverProfile, floor_rows, throughput_reps
 from migfd.bench.scenario import (
-    FD_PASSING, TRAFFIC_VM_RAM, BenchContext, Plan, Scenario, Trial, TrialSpec, VMTrial,
+    FD_PASSING, STATE_COPY, TRAFFIC_VM_RAM, BenchContext, Plan, TapScenario, Trial, TrialSpec, VMTrial,
     ram_fill_supported, tap_available,
 )
 from migfd.bench.scenarios.chardev import ChardevTrial
+from migfd.bench.scenarios.ram_size import RamSize
 from migfd.bench.scenarios.tap_traffic import TapTraffic, TapTrafficTrial
-from migfd.units import MiB
+from migfd.units import GiB, MiB
 
 
 class FloorTrial(Trial):
@@ -43,33 +45,75 @@ class FloorTrial(Trial):
         return rows
 
 
-class Floors(Scenario):
+class Floors(TapScenario):
     name = "limits"
-    description = ("the physical floor, same run, same Python: fd round trips (batched), AF_UNIX "
-                   "throughput into fresh memory, memcpy, and the handover floor (the device-state "
-                   "bytes and fds of a real fd-passing migration in one sendmsg, one-byte answer)")
+    description = ("the physical floor, same run, same Python, the same kinds of fds (TAP queues, "
+                   "memfd, sockets): fd round trips (batched), AF_UNIX throughput into fresh memory at "
+                   "each RAM size copied, memcpy, and the handover floor (the device-state bytes and "
+                   "fds of a real fd-passing migration, the acknowledgement, the EOF)")
+
+    tap_prefix = "flr"
 
     def __init__(self) -> None:
+        super().__init__()
         self.config = FloorConfig()
         self.profile: HandoverProfile | None = None
         self.profile_note: dict[str, Any] = {}
+        self.ifname: str | None = None
+
+    def uses_tap(self) -> bool:
+        return tap_available() is None
 
     def plan(self, ctx: BenchContext) -> Plan:
+        sizes = throughput_sizes(ctx)
         if ctx.quick:
-            self.config = FloorConfig(roundtrip_reps=100, throughput_bytes=64 * MiB,
-                                      memcpy_bytes=64 * MiB)
+            self.config = FloorConfig(roundtrip_reps=200, throughput_sizes=sizes,
+                                      throughput_budget=1 * GiB, memcpy_bytes=64 * MiB)
+        else:
+            self.config = FloorConfig(throughput_sizes=sizes)
         n = ctx.n_trials(5, 2)
         specs = [TrialSpec(self.name, "floor", t) for t in range(n)]
-        return Plan(specs, {"trials": n, "config": self.config.__dict__.copy()})
+        config = {k: v for k, v in self.config.__dict__.items() if k != "tap"}
+        return Plan(specs, {"trials": n, "config": config,
+                            "throughput_reps": {str(s): throughput_reps(s, self.config.throughput_budget)
+                                                for s in sizes}})
 
     async def setup(self, ctx: BenchContext) -> None:
+        await super().setup(ctx)
+        if self.netns is not None:
+            # One multi-queue TAP: its queues are fd-count's fds, one of them a whole VM's TAP.
+            queues = max(self.config.fd_counts)
+            self.ifname = self.new_tap(queues=queues)
+            self.config.tap = FloorTap(self.ifname, self.netns.name, queues)
         self.profile, self.profile_note = await handover_profile(ctx)
+
+    async def teardown(self, ctx: BenchContext) -> None:
+        self.remove_tap(self.ifname)
+        self.ifname = None
+        await super().teardown(ctx)
 
     def trial(self, spec: TrialSpec, ctx: BenchContext) -> Trial:
         return FloorTrial(spec, ctx, self)
 
     def metadata(self) -> dict[str, Any]:
-        return {"handover_profile": self.profile_note}
+        return {"handover_profile": self.profile_note,
+                "fd_kinds": {"fd-roundtrip": "TAP queues" if self.config.tap else "listening AF_UNIX sockets",
+                             "handover-floor": "memfd, " + ("TAP queue, " if self.config.tap else "")
+                                               + "connected AF_UNIX sockets"}}
+
+
+def throughput_sizes(ctx: BenchContext) -> tuple[int, ...]:
+    """The sizes the throughput floor is measured at: those this run's state copies moved.
+
+    Without ram-size rows in this run, ram-size's sizes for this run (as
+    ``--quick`` and the machine's memory allow: the floor holds the data twice).
+    """
+    copied = sorted({r["ram_bytes"] for r in ctx.rows
+                     if r["scenario"] == RamSize.name and r["mode"] == STATE_COPY and r.get("ram_bytes")})
+    if copied:
+        return tuple(copied)
+    fits = [s for s in RamSize.sizes(ctx) if 2 * s + 1 * GiB <= ctx.mem_available]
+    return tuple(fits or RamSize.sizes(ctx)[:1])
 
 
 async def handover_profile(ctx: BenchContext) -> tuple[HandoverProfile | None, dict[str, Any]]:

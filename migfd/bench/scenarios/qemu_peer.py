@@ -1,68 +1,138 @@
-"""``qemu-peer``: two real ``qemu-system-x86_64`` migrating over a unix socket, beside migfd.
+"""``qemu-peer``: real QEMU migrating over unix sockets, beside migfd, one row set per QEMU version.
 
-The same RAM sizes as ``ram-size``, driven by the same ``qemu.qmp`` client:
+The QEMUs are the system's ``qemu-system-x86_64`` and those of ``--qemu`` /
+``$MIGFD_QEMU`` (:func:`migfd.peers.qemu.find_qemus`); each row names its QEMU
+in ``peer_version``. The guest is a ``pc`` machine with one vCPU running
+SeaBIOS under TCG (no boot device), guest RAM ``ram0`` at the ram-size sizes:
 
 ``qemu-ram-copied``
-    guest RAM is ``memory-backend-file,share=off`` over a file in /dev/shm
-    filled with random bytes, so the guest's RAM is private and holds no zero
-    page: every page travels as a full page record, as migfd's filled RAM does
-    under state copy.
+    plain precopy: every page travels (``memory-backend-ram`` on the destination).
 ``qemu-ram-shared``
-    the same file with ``share=on`` on both sides and the ``x-ignore-shared``
-    capability on both: no guest page travels (QEMU 7.2 skips shared RAM blocks).
+    ``x-ignore-shared`` on both sides, guest RAM a ``memory-backend-file`` on
+    /dev/shm with ``share=on``, the one RAM kind both 7.2 and 10.0 skip (10.0
+    does not skip a shared memfd; 7.2 skips it but the destination then maps a
+    new, empty memfd: the guest's RAM would be lost).
+``qemu-cpr-transfer`` (QEMU 10.0 and later)
+    QEMU's own fd-passing: ``memory-backend-memfd,share=on`` with
+    ``aux-ram-share=on``; the destination listens on a ``cpr`` and a ``main``
+    channel and its monitor appears only once the cpr state (the fds) arrived,
+    so it runs with ``-qmp ...,wait=on`` and the client negotiates at once
+    (see :class:`~migfd.peers.qemu.QemuProcess`) to see the RESUME event.
 
-The guest runs (``cont``; SeaBIOS under TCG, no boot device) for a moment
-before the migration, as migfd's guest does. ``max-bandwidth`` is 64 GiB/s and
-``downtime-limit`` QEMU's default 300 ms. QEMU 7.2 reports downtime, total-time
-and setup-time in ms, and only once the source reached ``postmigrate``: the
-first ``completed`` reply of query-migrate may still carry 0, so the source is
-asked again after that. ``stop_resume_ns`` is the source's STOP event to the
-destination's RESUME event (QMP event timestamps, microseconds, one host clock):
-QEMU's ``downtime`` ends on the source, this one when the destination runs.
+Variants: ``filled``, guest RAM holding random bytes (a /dev/shm file of random
+bytes mapped ``share=off`` by the source of ``qemu-ram-copied``, ``share=on`` by
+both sides of ``qemu-ram-shared``, copied into the memfd of ``qemu-cpr-transfer``
+before the guest runs), at every size: nothing is flattered by zero pages;
+``idle``, RAM as QEMU gives it (zero pages but what SeaBIOS writes), at the
+smallest size only: it shows how much zero pages flatter precopy.
 
-Every process is killed by its pid and every /dev/shm file removed, whatever happens.
+The guest runs for a moment (``cont``) before the migration, off the clock.
+``max-bandwidth`` is 64 GiB/s, ``downtime-limit`` QEMU's default 300 ms.
+QEMU's ``downtime``, ``total-time``, ``setup-time`` are whole ms, read once the
+source is in ``postmigrate`` (7.2 computes them after ``completed``);
+``stop_resume_ns`` is the source's STOP event to the destination's RESUME
+event (µs, one host clock), the guest's pause as migfd measures it. Each row's
+``timeline`` comes from QEMU's trace (:mod:`migfd.peers.qemu_trace`),
+``device_sections`` from the device sections the source's trace shows saved,
+``device_state_bytes`` from one stream each QEMU saves to a file when the
+scenario starts (same machine; :meth:`QemuPeer.setup`). Every process is ended
+by its pid and every /dev/shm file removed, whatever happens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from migfd.bench.scenario import (
     DOWNTIME_LIMIT_MS, MAX_BANDWIDTH, BenchContext, Plan, Scenario, Trial, TrialSpec, interleave,
     memory_shortfall, trials_for_size,
 )
 from migfd.bench.scenarios.ram_size import RamSize
-from migfd.peers.qemu import QEMU_BINARY, QemuProcess, qemu_binary, qemu_version
+from migfd.errors import MigrationError
+from migfd.peers.qemu import (
+    QEMU_BINARY, QemuBinary, QemuProcess, backend_memfd, copy_into, describe_qemu, find_qemus,
+)
+from migfd.peers.qemu_trace import completion_sections, cpr_fds, parse_trace, qemu_timeline, trace_arguments
+from migfd.stream.inspect import inspect_stream
 from migfd.units import GiB, MiB
 
 SHM_DIR = "/dev/shm"
 COPIED = "qemu-ram-copied"
 SHARED = "qemu-ram-shared"
+CPR = "qemu-cpr-transfer"
+IDLE = "idle"
+FILLED = "filled"
+#: the first QEMU with cpr-transfer
+CPR_RELEASE = (10, 0)
 #: the guest runs this long before the migration (off the clock)
 GUEST_RUN_S = 0.5
 POLL_S = 0.002
+#: the largest guest RAM the default run gives real QEMU (--trials lifts it)
+MAX_RAM_DEFAULT = 1 * GiB
+#: the machine of every QEMU here (and of the device-state stream)
+MACHINE = "pc,memory-backend=ram0"
+#: RAM of the guest whose stream measures device state
+DEVICE_STATE_RAM = 64 * MiB
 
 
-def qemu_argv(binary: str, name: str, qmp_path: str, size: int, shm_path: str, shared: bool,
-              incoming: bool) -> list[str]:
+@dataclass
+class QemuTrialSpec(TrialSpec):
+    """A trial of one QEMU; its rows name that QEMU's version (``peer_version``)."""
+
+    peer_version: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return {**super().row(), "peer_version": self.peer_version}
+
+
+def modes_of(q: QemuBinary) -> list[str]:
+    return [COPIED, SHARED] + ([CPR] if q.at_least(*CPR_RELEASE) else [])
+
+
+def ram_argv(mode: str, variant: str, incoming: bool, size: int, mem_path: str | None) -> list[str]:
+    """``-M``/``-m``/``-object`` of guest RAM ``ram0`` (see the module docstring)."""
     mib = size // MiB
-    argv = [binary, "-name", name, "-accel", "tcg", "-M", "pc,memory-backend=mem", "-m", f"{mib}M",
-            "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={shm_path},"
-                       f"share={'on' if shared else 'off'}",
-            "-nodefaults", "-no-user-config", "-display", "none",
-            "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    if incoming:
-        # No -S: the destination takes the source's run state from the stream and runs.
-        argv += ["-incoming", "defer"]
+    machine = MACHINE
+    if mode == CPR:
+        machine += ",aux-ram-share=on"
+        backend = f"memory-backend-memfd,id=ram0,size={mib}M,share=on"
+    elif mode == SHARED:
+        backend = f"memory-backend-file,id=ram0,size={mib}M,mem-path={mem_path},share=on"
+    elif variant == FILLED and not incoming:
+        backend = f"memory-backend-file,id=ram0,size={mib}M,mem-path={mem_path},share=off"
     else:
-        argv += ["-S"]
+        backend = f"memory-backend-ram,id=ram0,size={mib}M"
+    return ["-M", machine, "-m", f"{mib}M", "-object", backend]
+
+
+def qemu_argv(q: QemuBinary, name: str, qmp_path: str, ram: list[str], *,
+              incoming: list[str] | None = None, wait: bool = False, trace: bool = True) -> list[str]:
+    """A QEMU of this scenario: a source paused at start (``-S``), or a destination on ``incoming``."""
+    argv = [q.path, "-name", name, "-accel", "tcg", *ram, "-nodefaults", "-no-user-config",
+            "-display", "none", "-qmp", f"unix:{qmp_path},server=on,wait={'on' if wait else 'off'}"]
+    if trace:
+        argv += trace_arguments(q.trace_events)
+    if incoming is None:
+        return argv + ["-S"]  # RAM is filled before the guest runs
+    # No -S: the destination takes the source's run state from the stream and runs.
+    for address in incoming:
+        argv += ["-incoming", address]
     return argv
+
+
+def cpr_channels(main: str, cpr: str) -> list[dict[str, Any]]:
+    """The ``main`` and ``cpr`` channels of a cpr-transfer, as ``migrate`` takes them."""
+    return [{"channel-type": kind, "addr": {"transport": "socket", "type": "unix", "path": path}}
+            for kind, path in (("main", main), ("cpr", cpr))]
 
 
 def fill_file(path: str, size: int) -> None:
@@ -77,44 +147,85 @@ def fill_file(path: str, size: int) -> None:
 
 
 class QemuTrial(Trial):
-    def __init__(self, spec: TrialSpec, ctx: BenchContext, scenario: "QemuPeer"):
+    spec: QemuTrialSpec
+
+    def __init__(self, spec: QemuTrialSpec, ctx: BenchContext, scenario: "QemuPeer"):
         super().__init__(spec, ctx)
         self.scenario = scenario
+        self.qemu = describe_qemu(spec.options["qemu"])
         self.workdir: Path | None = None
         self.src: QemuProcess | None = None
         self.dst: QemuProcess | None = None
+        self.idle_file: str | None = None
 
     def timeouts(self) -> tuple[float, float, float]:
         gib = (self.spec.ram_bytes or 0) / GiB
         return 60 + 10 * gib, 60 + 30 * gib, 30.0
 
     async def prepare(self) -> None:
-        size = self.spec.ram_bytes
+        size, mode, variant = self.spec.ram_bytes, self.spec.mode, self.spec.variant
         assert size is not None
-        shm = await self.scenario.ram_file(size)
-        shared = self.spec.mode == SHARED
-        binary = self.scenario.binary
-        assert binary is not None
-        self.workdir = Path(tempfile.mkdtemp(prefix="qemu-peer-", dir=self.ctx.tmp))
-        self.uri = f"unix:{self.workdir}/migration.sock"
-        self.src = QemuProcess("src", self.workdir, qemu_argv(
-            binary, "src", str(self.workdir / "src.qmp"), size, shm, shared, incoming=False))
-        self.dst = QemuProcess("dst", self.workdir, qemu_argv(
-            binary, "dst", str(self.workdir / "dst.qmp"), size, shm, shared, incoming=True))
-        await asyncio.gather(self.src.start(), self.dst.start())
-        for q in (self.src, self.dst):
-            if shared:
-                await q.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "x-ignore-shared", "state": True}]})
-            await q.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH,
-                                                       "downtime-limit": DOWNTIME_LIMIT_MS})
-        await self.dst.execute("migrate-incoming", {"uri": self.uri})
+        mem_path = None
+        if variant == FILLED and mode != CPR:
+            mem_path = await self.scenario.ram_file(size)
+        elif mode == SHARED:
+            mem_path = self.idle_file = self.scenario.shm_path(f"idle-{id(self)}")
+            with open(mem_path, "wb") as f:
+                f.truncate(size)  # sparse: zero pages until the guest writes
+        self.workdir = w = Path(tempfile.mkdtemp(prefix="qemu-peer-", dir=self.ctx.tmp))
+        q = self.qemu
+        self.src = QemuProcess("src", w, qemu_argv(q, "src", str(w / "src.qmp"),
+                                                   ram_argv(mode, variant, False, size, mem_path)))
+        dst_ram = ram_argv(mode, variant, True, size, mem_path)
+        if mode == CPR:
+            self.channels = cpr_channels(str(w / "main.sock"), str(w / "cpr.sock"))
+            incoming = [json.dumps(c, separators=(",", ":")) for c in self.channels]
+            self.dst = QemuProcess("dst", w, qemu_argv(q, "dst", str(w / "dst.qmp"), dst_ram, incoming=incoming,
+                                                       wait=True), early_negotiation=True)
+            await self.src.start()
+            # Its monitor comes only after the cpr state: start it now, connect during the migration.
+            self.dst.spawn()
+            await self._listening(w / "cpr.sock")
+        else:
+            self.uri = f"unix:{w}/migration.sock"
+            self.dst = QemuProcess("dst", w, qemu_argv(q, "dst", str(w / "dst.qmp"), dst_ram,
+                                                       incoming=["defer"]))
+            await asyncio.gather(self.src.start(), self.dst.start())
+        params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS}
+        if mode == CPR:
+            await self.src.execute("migrate-set-parameters", {**params, "mode": "cpr-transfer"})
+        else:
+            for side in (self.src, self.dst):
+                if mode == SHARED:
+                    await side.execute("migrate-set-capabilities", {"capabilities": [
+                        {"capability": "x-ignore-shared", "state": True}]})
+                await side.execute("migrate-set-parameters", params)
+            await self.dst.execute("migrate-incoming", {"uri": self.uri})
+        if mode == CPR and variant == FILLED:
+            random = await self.scenario.ram_file(size)
+            memfd = backend_memfd(self.src.pid, size)
+            await asyncio.get_running_loop().run_in_executor(None, copy_into, random, memfd, size)
         await self.src.execute("cont")
         await asyncio.sleep(GUEST_RUN_S)
 
+    async def _listening(self, path: Path) -> None:
+        """Wait until the destination listens on ``path`` (its cpr channel)."""
+        assert self.dst is not None and self.dst.proc is not None
+        deadline = time.monotonic() + self.dst.start_timeout_s
+        while not path.exists():
+            if self.dst.proc.poll() is not None:
+                raise RuntimeError(f"QEMU dst exited with {self.dst.proc.returncode}: {self.dst.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU dst never listened on {path.name}: {self.dst.log_tail()}")
+            await asyncio.sleep(POLL_S)
+
     async def measure(self) -> dict:
         assert self.src is not None and self.dst is not None
-        await self.src.execute("migrate", {"uri": self.uri})
+        if self.spec.mode == CPR:
+            await self.src.execute("migrate", {"channels": self.channels})
+            await self.dst.start()  # its monitor, now that the cpr state arrived
+        else:
+            await self.src.execute("migrate", {"uri": self.uri})
         while True:
             first = await self.src.execute("query-migrate")
             if first.get("status") in ("completed", "failed", "cancelled"):
@@ -146,15 +257,26 @@ class QemuTrial(Trial):
         row = self.spec.row()
         ram = src.get("ram") or {}
         ms = 1_000_000
+        src_trace, dst_trace = parse_trace(self.src.log_text()), parse_trace(self.dst.log_text())
+        devices = completion_sections(src_trace)[1]
         row.update({
             "downtime_ns": src["downtime"] * ms if "downtime" in src else None,
             "total_ns": src["total-time"] * ms if "total-time" in src else None,
             "setup_ns": src["setup-time"] * ms if "setup-time" in src else None,
-            "bytes_sent": ram.get("transferred"), "fds_passed": 0,
+            "bytes_sent": ram.get("transferred"),
+            "fds_passed": cpr_fds(src_trace) if self.spec.mode == CPR else 0,
+            "device_sections": len(devices) if devices else None,
+            "device_state_bytes": self.scenario.device_state.get(self.qemu.version, {}).get("bytes"),
         })
         stops, resumes = self.src.event_times("STOP"), self.dst.event_times("RESUME")
         if stops and resumes:
             row["stop_resume_ns"] = resumes[-1] - stops[-1]
+        timeline = qemu_timeline(src_trace, dst_trace, stop_us=stops[-1] // 1000 if stops else None,
+                                 resume_us=resumes[-1] // 1000 if resumes else None)
+        if timeline:
+            row["timeline"] = timeline
+        else:
+            self.ctx.warn(f"QEMU {self.qemu.version}: no timeline in the trace of a {self.spec.mode} trial")
         errors = []
         if src.get("status") != "completed":
             errors.append(f"source {src.get('status')}: {src.get('error-desc') or self.src.log_tail()}")
@@ -164,79 +286,164 @@ class QemuTrial(Trial):
             errors.append(f"destination is '{measured.get('dst_runstate')}', not running")
         elif "downtime" not in src:
             errors.append("QEMU reported no downtime")
+        if not errors and not resumes:
+            self.ctx.warn(f"QEMU {self.qemu.version} {self.spec.mode}: no RESUME event seen on the destination")
         row["ok"] = not errors
         row["error"] = "; ".join(errors)
         return [row]
 
     async def cleanup(self) -> None:
         for q in (self.src, self.dst):
-            if q is not None:
+            if q is None:
+                continue
+            if q.qmp is None:
+                q.kill()  # never connected (a cpr destination still waiting): nothing to ask
+            else:
                 await q.quit()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.idle_file is not None:
+            _unlink(self.idle_file)
 
 
 class QemuPeer(Scenario):
     name = "qemu-peer"
-    description = ("real QEMU 7.2 (TCG, SeaBIOS guest running) migrating over a unix socket at the "
-                   "ram-size sizes: RAM copied (private, filled) and RAM shared (share=on + x-ignore-shared)")
+    description = ("real QEMU (each version given; TCG, SeaBIOS guest running) migrating over unix sockets "
+                   "at the ram-size sizes: RAM copied, RAM shared (x-ignore-shared), cpr-transfer (10.0+); "
+                   "RAM filled with random bytes, and idle at the smallest size")
 
     def __init__(self) -> None:
-        self.binary: str | None = None
+        self.qemus: list[QemuBinary] = []
         self._file: tuple[int, str] | None = None
         self.prefix = f"migfd-bench-{os.getpid()}-"
+        #: per QEMU version: device state of one stream saved to a file (see setup)
+        self.device_state: dict[str, dict[str, Any]] = {}
 
     def unavailable(self, ctx: BenchContext) -> str | None:
-        self.binary = qemu_binary()
-        if self.binary is None:
-            return f"{QEMU_BINARY} is not installed (Debian: apt-get install qemu-system-x86)"
+        try:
+            self.qemus = find_qemus(ctx.qemus)
+        except MigrationError as exc:
+            return str(exc)
+        if not self.qemus:
+            return (f"{QEMU_BINARY} is not installed (Debian: apt-get install qemu-system-x86) "
+                    "and no --qemu was given")
         if not os.path.isdir(SHM_DIR):
             return f"needs {SHM_DIR} for the shared RAM file"
         return None
 
     @staticmethod
     def memory_needed(size: int) -> int:
-        # the file (tmpfs) and the destination's private copy of it
+        # the random file (tmpfs) and the destination's copy of RAM (or the memfd it fills)
         return 2 * size + 1 * GiB
 
     def plan(self, ctx: BenchContext) -> Plan:
-        specs, skipped, points = [], [], []
+        specs: list[TrialSpec] = []
+        skipped, points = [], []
         for size in RamSize.sizes(ctx):
+            if size > MAX_RAM_DEFAULT and ctx.trials is None:
+                # Filling and copying 4 GiB through every QEMU mode takes minutes per
+                # trial; the default run must stay under 15 minutes (--trials runs it).
+                skipped.append({"ram_bytes": size, "reason": f"above {MAX_RAM_DEFAULT >> 30} GiB in the "
+                                f"default run (time budget); --trials N includes it"})
+                continue
             why = "QEMU's -m takes whole MiB" if size % MiB else memory_shortfall(
                 ctx, size, self.memory_needed(size))
             if why is not None:
                 skipped.append({"ram_bytes": size, "reason": why})
                 continue
+            variants = [FILLED] if points else [FILLED, IDLE]  # idle: the smallest size only
+            combos = [{"qemu": q, "mode": mode, "variant": variant}
+                      for variant in variants for q in self.qemus for mode in modes_of(q)]
             n = trials_for_size(size, ctx)
-            points.append({"ram_bytes": size, "trials": n})
-            for item in interleave([{}], [{"mode": COPIED}, {"mode": SHARED}], n):
-                specs.append(TrialSpec(self.name, item["mode"], item["trial"], backend="ram",
-                                       ram_bytes=size, n_fds=0, live=True))
-        return Plan(specs, {"points": points, "skipped_points": skipped, "qemu": qemu_version(self.binary),
-                            "binary": self.binary, "guest": "SeaBIOS under TCG, running, no boot device",
-                            "ram": "memory-backend-file over a /dev/shm file of random bytes; "
-                                   "copied: share=off; shared: share=on + x-ignore-shared"})
+            points.append({"ram_bytes": size, "trials": n, "variants": variants})
+            for item in interleave([{}], combos, n):
+                q = item["qemu"]
+                specs.append(QemuTrialSpec(self.name, item["mode"], item["trial"], variant=item["variant"],
+                                           backend="ram", ram_bytes=size, n_fds=0, live=True,
+                                           options={"qemu": q.path}, peer_version=q.version))
+        return Plan(specs, {
+            "points": points, "skipped_points": skipped,
+            "modes": {q.version: modes_of(q) for q in self.qemus},  # the QEMUs themselves: metadata "qemus"
+            "guest": "pc, 1 vCPU, SeaBIOS under TCG, running, no boot device",
+            "ram": {COPIED: "memory-backend-ram; filled: the source maps a /dev/shm file of random bytes "
+                            "(memory-backend-file, share=off)",
+                    SHARED: "memory-backend-file on /dev/shm, share=on, x-ignore-shared on both sides; "
+                            "filled: the file of random bytes, idle: a new sparse file",
+                    CPR: "memory-backend-memfd, share=on, aux-ram-share=on; filled: random bytes copied "
+                         "into the memfd before the guest runs"},
+        })
+
+    async def setup(self, ctx: BenchContext) -> None:
+        for q in self.qemus:
+            self.device_state[q.version] = await self.measure_device_state(q, ctx)
+
+    async def measure_device_state(self, q: QemuBinary, ctx: BenchContext) -> dict[str, Any]:
+        """Device state of this machine on QEMU ``q``: one stream saved to a file, read by migfd's reader.
+
+        The guest runs as in the trials, then ``migrate`` to ``exec:cat > FILE``
+        (7.2 has no ``file:``); the FULL sections' bytes (headers and footers
+        included, as migfd counts ``x-device-state-bytes``) and their number.
+        """
+        work = Path(tempfile.mkdtemp(prefix="qemu-devstate-", dir=ctx.tmp))
+        path = work / "stream.bin"
+        proc = QemuProcess("devstate", work, qemu_argv(
+            q, "devstate", str(work / "devstate.qmp"), ram_argv(COPIED, IDLE, False, DEVICE_STATE_RAM, None),
+            trace=False))
+        try:
+            await proc.start()
+            await proc.execute("cont")
+            await asyncio.sleep(GUEST_RUN_S)
+            await proc.execute("migrate", {"uri": f"exec:cat > {path}"})
+            info = await proc.wait_migration(timeout_s=60)
+            if info.get("status") != "completed":
+                return {"error": f"saving the stream: {info.get('status')}: {info.get('error-desc')}"}
+            await proc.quit()
+            summary = await asyncio.get_running_loop().run_in_executor(None, inspect_stream, str(path))
+            full = [s for s in summary.sections if s["type"] == "FULL"]
+            return {"bytes": sum(s["size"] for s in full), "sections": len(full),
+                    "vmdesc_bytes": summary.vmdesc_size, "stream_bytes": summary.size,
+                    "ram_bytes": DEVICE_STATE_RAM}
+        except Exception as exc:  # a QEMU that cannot save is a note, not a failed scenario
+            ctx.warn(f"QEMU {q.version}: device state not measured: {exc}")
+            return {"error": str(exc)}
+        finally:
+            if proc.qmp is not None:
+                await proc.quit()
+            proc.kill()
+            shutil.rmtree(work, ignore_errors=True)
+
+    def shm_path(self, name: str) -> str:
+        return os.path.join(SHM_DIR, f"{self.prefix}{name}")
 
     async def ram_file(self, size: int) -> str:
-        """The filled file for ``size`` (one at a time: the previous size's is removed)."""
+        """The file of random bytes for ``size`` (one at a time: the previous size's is removed)."""
         if self._file is not None and self._file[0] == size:
             return self._file[1]
-        self.remove_files()
-        path = os.path.join(SHM_DIR, f"{self.prefix}{size >> 20}m.raw")
+        if self._file is not None:
+            _unlink(self._file[1])
+        path = self.shm_path(f"{size >> 20}m.raw")
         self._file = (size, path)
         await asyncio.get_running_loop().run_in_executor(None, fill_file, path, size)
         return path
 
     def remove_files(self) -> None:
         self._file = None
-        for path in glob.glob(os.path.join(SHM_DIR, f"{self.prefix}*")):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        for path in glob.glob(self.shm_path("*")):
+            _unlink(path)
 
     def trial(self, spec: TrialSpec, ctx: BenchContext) -> Trial:
+        assert isinstance(spec, QemuTrialSpec)
         return QemuTrial(spec, ctx, self)
 
     async def teardown(self, ctx: BenchContext) -> None:
         self.remove_files()
+
+    def metadata(self) -> dict[str, Any]:
+        return {"device_state": self.device_state}
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

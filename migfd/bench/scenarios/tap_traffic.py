@@ -10,6 +10,7 @@ from migfd.bench.scenario import (
     TapScenario, Traffic, Trial, TrialSpec, VMConfig, VMTrial, ram_object, tap_available, traffic_plan,
 )
 from migfd.peers.frames import FrameProbe
+from migfd.peers.tapnet import TAP_TXQLEN
 from migfd.peers.migrate import MigrationResult
 
 FRAME_RATE = 20_000
@@ -84,7 +85,8 @@ class TapTraffic(TapScenario):
         return tap_available()
 
     def plan(self, ctx: BenchContext) -> Plan:
-        return traffic_plan(self.name, "ram+tap+chardev", ctx, {"frame_rate_per_s": FRAME_RATE})
+        return traffic_plan(self.name, "ram+tap+chardev", ctx, {"frame_rate_per_s": FRAME_RATE,
+                                                                 "tap_txqlen": TAP_TXQLEN})
 
     def trial(self, spec: TrialSpec, ctx: BenchContext) -> Trial:
         return TapTrafficTrial(spec, ctx, self)

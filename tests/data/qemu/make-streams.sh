@@ -17,7 +17,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
 out_dir=${MAKE_STREAMS_OUT:-$here}   # another folder, to try the script without touching the files
-qmp=("${PYTHON:-python3}" "$repo/tools/qmp.py")
+# QMP is driven by the qemu.qmp client of the project's virtual env (make venv).
+python=${PYTHON:-$repo/.venv/bin/python}
 
 q10=${QEMU_10:-}
 if [ -z "$q10" ]; then
@@ -52,11 +53,38 @@ save() {
     "$qemu" -M "$machine" -accel tcg -m 16 -nodefaults -nographic -display none -S \
         "$@" -qmp "unix:$sock,server=on,wait=off" &
     pid=$!
-    "${qmp[@]}" "$sock" \
-        'migrate-set-capabilities {"capabilities": [{"capability": "events", "state": true}]}' \
-        cont 'sleep 1' query-status \
-        "migrate $(printf '{"uri": "%s"}' "$uri")" \
-        wait-migrate quit >"$tmp/$file.qmp"
+    "$python" - "$sock" "$uri" >"$tmp/$file.qmp" <<'EOF'
+import asyncio, json, os, sys
+from qemu.qmp import QMPClient
+
+async def main(sock: str, uri: str) -> int:
+    while not os.path.exists(sock):
+        await asyncio.sleep(0.01)
+    qmp = QMPClient("make-streams")
+    await qmp.connect(sock)
+
+    async def run(command, arguments=None):
+        reply = await qmp.execute(command, arguments)
+        print(json.dumps({"execute": command, "arguments": arguments, "return": reply}), flush=True)
+        return reply
+
+    await run("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    await run("cont")
+    await asyncio.sleep(1)
+    await run("query-status")
+    await run("migrate", {"uri": uri})
+    while (await run("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):
+        await asyncio.sleep(0.05)
+    info = await qmp.execute("query-migrate")
+    try:
+        await qmp.execute("quit")
+    except Exception:
+        pass  # QEMU may close the socket before it answers
+    await qmp.disconnect()
+    return 0 if info["status"] == "completed" else 1
+
+sys.exit(asyncio.run(main(*sys.argv[1:])))
+EOF
     wait "$pid"
     pid=
     chmod 644 "$out"
@@ -67,7 +95,7 @@ save() {
 # check FILE: what the README promises about each file, read from its bytes.
 check() {
     [ -f "$out_dir/$1" ] || return 0
-    "${qmp[0]}" - "$out_dir/$1" <<'EOF'
+    "$python" - "$out_dir/$1" <<'EOF'
 import struct, sys
 path = sys.argv[1]
 name = path.rsplit("/", 1)[1]

@@ -1,0 +1,359 @@
+"""Downtime anatomy: where the milliseconds between the source's stop and the destination's run go.
+
+The benchmark writes every trial's phases to ``timelines.csv`` (trial_id,
+side, phase, start_ns, end_ns; ns from the source's stop). Phases nest and the
+two sides overlap (the destination loads while the source still writes), so a
+trial's downtime is *partitioned* before it is summed: at every instant of
+[stop, resume] the time goes to the phase that started last among those
+running, on either side (the innermost, most specific one), unless it only
+waits for the other side (``wait-*``); instants no phase covers are
+"unaccounted". The stacked bars show, per mode, the median of each
+phase's share over the trials; the Gantt chart shows one whole trial.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from migfd.results.summary import fmt_ns, mode_label, qemu_downtime
+
+TIMELINE_COLUMNS = ["trial_id", "side", "phase", "start_ns", "end_ns"]
+UNACCOUNTED = "unaccounted"
+SIDES = ("source", "destination")
+#: the scenario and point whose trials the anatomy explains: RAM + TAP + chardev, 64 MiB
+ANATOMY_SCENARIO = "tap-traffic"
+
+#: What a QEMU developer calls each step of the switchover, by (side, phase name or
+#: prefix); the stacked bars sum phases by these groups, the Gantt chart shows them all.
+PHASE_GROUPS: tuple[tuple[str, str, str], ...] = (
+    ("source", "stop", "stop the guest"),
+    ("source", "switchover-start", "RAM: last pages"),
+    ("source", "iterable-save", "RAM: last pages"),
+    ("destination", "load-ram", "RAM: last pages"),
+    ("source", "save:ram", "RAM: last pages"),  # QEMU's RAM section, by its idstr
+    ("destination", "load:ram", "RAM: last pages"),
+    ("source", "fds-sent", "fds: send / receive"),
+    ("destination", "fds-received", "fds: send / receive"),
+    ("source", "save:", "device state: save"),
+    ("source", "device-save", "device state: save"),
+    ("destination", "recv", "device state: receive + parse"),
+    ("destination", "parse", "device state: receive + parse"),
+    ("destination", "load:", "device state: receive + parse"),
+    ("destination", "post-load:", "backends: validate + adopt"),
+    ("destination", "load-devices", "backends: validate + adopt"),
+    ("source", "ping", "acknowledge: PING / PONG"),
+    ("destination", "pong", "acknowledge: PING / PONG"),
+    ("source", "commit", "acknowledge: PING / PONG"),
+    ("source", "eof", "EOF + vmdesc"),
+    ("source", "vmdesc", "EOF + vmdesc"),
+    ("destination", "eof", "EOF + vmdesc"),
+    ("destination", "resume", "resume the guest"),
+    # real QEMU's trace (migfd.peers.qemu_trace)
+    ("destination", "loadvm", "device state: receive + parse"),
+    ("source", "completion", "EOF + vmdesc"),
+    ("destination", "bh-wait", "resume the guest"),
+    ("destination", "announce", "resume the guest"),
+    ("destination", "vm-start", "resume the guest"),
+)
+
+
+def load_timelines(results: str | os.PathLike) -> pd.DataFrame:
+    """``timelines.csv`` of a results directory; an empty table when the run has none."""
+    path = Path(results)
+    path = path if path.name == "timelines.csv" else (path if path.is_dir() else path.parent) / "timelines.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=TIMELINE_COLUMNS)
+    out = pd.read_csv(path, dtype={"trial_id": str, "side": str, "phase": str})
+    for col in ("start_ns", "end_ns"):
+        out[col] = pd.to_numeric(out[col], errors="coerce").astype("int64")
+    return out[TIMELINE_COLUMNS]
+
+
+def downtime_of(rows: pd.DataFrame) -> pd.Series:
+    """Each row's guest pause in ns, measured from the source's stop to the destination's run."""
+    if rows.empty:
+        return pd.Series(dtype="float64")
+    qemu = rows["mode"].astype(str).str.startswith("qemu-")
+    own = pd.to_numeric(rows["downtime_ns"], errors="coerce").astype("float64")
+    if qemu.any():
+        own = own.where(~qemu, qemu_downtime(rows[qemu]).reindex(rows.index))
+    return own
+
+
+def partition(phases: pd.DataFrame, end_ns: float, start_ns: float = 0.0) -> dict[str, float]:
+    """ns of [start_ns, end_ns] per "side: phase", each instant to the innermost running phase.
+
+    The innermost is the one that started last (ties: the one that ends
+    first); a phase that only waits for the other side (``wait-*``) counts
+    only where no phase doing work runs. What no phase covers is
+    :data:`UNACCOUNTED`.
+    """
+    if not end_ns > start_ns:
+        return {}
+    spans = [(max(float(r.start_ns), start_ns), min(float(r.end_ns), end_ns), float(r.start_ns),
+              float(r.end_ns), f"{r.side}: {r.phase}") for r in phases.itertuples()]
+    spans = [s for s in spans if s[1] > s[0]]
+    cuts = sorted({start_ns, end_ns, *(s[0] for s in spans), *(s[1] for s in spans)})
+    out: dict[str, float] = {}
+    for a, b in zip(cuts, cuts[1:]):
+        running = [s for s in spans if s[0] <= a and s[1] >= b]
+        if running:
+            # A phase that only waits for the other side yields to any phase doing work.
+            label = max(running, key=lambda s: (not _waits(s[4]), s[2], -s[3]))[4]
+        else:
+            label = UNACCOUNTED
+        out[label] = out.get(label, 0.0) + (b - a)
+    return out
+
+
+def covered_fraction(phases: pd.DataFrame, end_ns: float, start_ns: float = 0.0) -> float:
+    """Share of [start_ns, end_ns] that some phase covers (1.0: the timeline explains it all)."""
+    parts = partition(phases, end_ns, start_ns)
+    total = sum(parts.values())
+    return float("nan") if total <= 0 else 1.0 - parts.get(UNACCOUNTED, 0.0) / total
+
+
+def series_of(rows: pd.DataFrame) -> pd.Series:
+    """What a bar stands for: migfd's mode, or real QEMU's version, mode and variant."""
+    def one(row) -> str:
+        mode = str(row["mode"])
+        if not mode.startswith("qemu-"):
+            return mode_label(mode)
+        version = row.get("peer_version")
+        variant = row.get("variant")
+        what = mode_label(mode).removeprefix("real QEMU, ")
+        text = f"QEMU {version if isinstance(version, str) and version else '?'}: {what}"
+        return text + (f" ({variant})" if isinstance(variant, str) and variant else "")
+    return rows.apply(one, axis=1) if len(rows) else pd.Series(dtype=str)
+
+
+def window_end_ns(phases: pd.DataFrame, downtime_ns: float) -> float:
+    """Where the guest runs again on the trial's own clock: QEMU's RESUME event if its trace has it.
+
+    QEMU's timeline starts at ``src-downtime-start``, a little before its STOP
+    event, so STOP→RESUME measured from 0 would end too early.
+    """
+    resume = phases[(phases["side"] == "destination") & (phases["phase"] == "RESUME")]
+    return float(resume["start_ns"].iloc[0]) if len(resume) else float(downtime_ns)
+
+
+def trial_anatomy(df: pd.DataFrame, timelines: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial and phase share of its downtime: trial_id, series, label, ns, downtime_ns."""
+    cols = ["trial_id", "series", "label", "ns", "downtime_ns"]
+    if timelines.empty or "trial_id" not in df or df.empty:
+        return pd.DataFrame(columns=cols)
+    ok = df[df["ok"].fillna(False).astype(bool)]
+    downtime = downtime_of(ok)
+    series = series_of(ok)
+    by_trial = {tid: g for tid, g in timelines.groupby("trial_id")}
+    rows = []
+    for idx, row in ok.iterrows():
+        phases = by_trial.get(str(row["trial_id"]))
+        if phases is None or not np.isfinite(downtime.get(idx, np.nan)):
+            continue
+        end = window_end_ns(phases, downtime[idx])
+        for label, ns in partition(phases, end).items():
+            rows.append((str(row["trial_id"]), series[idx], label, ns, float(downtime[idx])))
+    return pd.DataFrame(rows, columns=cols)
+
+
+def phase_group(label: str) -> str:
+    """The group of a "side: phase" label (:data:`PHASE_GROUPS`); waits and unknown phases keep their label."""
+    side, _, phase = label.partition(": ")
+    if phase.startswith("wait-"):
+        return "waiting for the other side"
+    for group_side, name, group in PHASE_GROUPS:
+        if side == group_side and (phase == name or (name.endswith(":") and phase.startswith(name))):
+            return group
+    return label
+
+
+def anatomy_table(df: pd.DataFrame, timelines: pd.DataFrame, *, grouped: bool = False) -> pd.DataFrame:
+    """Median ns per mode and phase (phases absent from a trial count as 0 in it), with trial counts.
+
+    ``grouped``: phases summed by :func:`phase_group` within each trial first.
+    """
+    parts = trial_anatomy(df, timelines)
+    if grouped:
+        parts = parts.assign(label=parts["label"].map(phase_group))
+    if parts.empty:
+        return pd.DataFrame(columns=["series", "label", "median_ns", "n"])
+    wide = parts.pivot_table(index=["series", "trial_id"], columns="label", values="ns",
+                             aggfunc="sum", fill_value=0.0)
+    out = []
+    for series, g in wide.groupby(level="series"):
+        for label in wide.columns:
+            out.append({"series": series, "label": label, "median_ns": float(np.median(g[label])),
+                        "n": int(len(g))})
+    table = pd.DataFrame(out)
+    return table[table["median_ns"] > 0].reset_index(drop=True)
+
+
+def anatomy_rows(df: pd.DataFrame, scenario: str = ANATOMY_SCENARIO) -> pd.DataFrame:
+    """The rows the anatomy explains: one scenario's trials, and real QEMU's beside them.
+
+    QEMU at the scenario's RAM size and with RAM full of data (variant
+    ``filled``) where the run has it, so that no zero page flatters it.
+    """
+    rows = df[df["scenario"] == scenario]
+    qemu = df[df["scenario"] == "qemu-peer"]
+    if len(qemu):
+        sizes = rows["ram_bytes"].dropna()
+        if len(sizes) and (qemu["ram_bytes"] == sizes.min()).any():
+            qemu = qemu[qemu["ram_bytes"] == sizes.min()]
+        if "variant" in qemu and (qemu["variant"] == "filled").any():
+            qemu = qemu[qemu["variant"] == "filled"]
+    return pd.concat([rows, qemu])
+
+
+def plot_anatomy(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """Stacked bars: median ns per phase of the downtime, one bar per mode; beside them, the shares."""
+    rows = anatomy_rows(df)
+    table = anatomy_table(rows, timelines, grouped=True)
+    fig = Figure(figsize=(11, 2.6 + 0.7 * max(table["series"].nunique(), 1)), layout="constrained", dpi=100)
+    ax_abs, ax_rel = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
+    if table.empty:
+        ax_abs.text(0.5, 0.5, "no timelines in this run (timelines.csv)", ha="center", va="center",
+                    transform=ax_abs.transAxes)
+        ax_abs.set_axis_off()
+        ax_rel.set_axis_off()
+        return fig
+    modes = sorted(table["series"].unique(), key=_series_key)
+    labels = _group_order(table, rows, timelines)
+    colors = _group_colors(labels)
+    drawn: set[str] = set()
+    for i, mode in enumerate(modes):
+        sub = table[table["series"] == mode].set_index("label")
+        total = float(sub["median_ns"].sum())
+        left = 0.0
+        for label in labels:
+            if label not in sub.index:
+                continue
+            ns = float(sub.loc[label, "median_ns"])
+            legend = label if label not in drawn else None
+            drawn.add(label)
+            ax_abs.barh(i, ns / 1e6, left=left / 1e6, color=colors[label], edgecolor="0.3",
+                        linewidth=0.4, label=legend)
+            ax_rel.barh(i, 100 * ns / total, left=100 * left / total, color=colors[label],
+                        edgecolor="0.3", linewidth=0.4)
+            left += ns
+        ax_abs.text(left / 1e6, i, f"  {fmt_ns(left)} (n={int(sub['n'].iloc[0])})", va="center", fontsize=8)
+    ax_abs.set_yticks(range(len(modes)), modes)
+    ax_abs.invert_yaxis()
+    ax_abs.set_xlabel("ms from the source's stop (sum of the median share of each phase)")
+    ax_rel.set_xlabel("% of the bar")
+    ax_rel.set_xlim(0, 100)
+    fig.suptitle("Where the downtime goes (RAM + TAP + chardev, 64 MiB): each instant to the innermost "
+                 "running phase, summed by step; bars are sums of per-step medians", fontsize=10)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=7, frameon=False)
+    return fig
+
+
+def median_trial(df: pd.DataFrame, timelines: pd.DataFrame, series: str) -> str | None:
+    """The trial of ``series`` (in the anatomy rows) whose downtime is the median one, among those with a timeline."""
+    rows = anatomy_rows(df)
+    rows = rows[rows["ok"].fillna(False).astype(bool) & rows["trial_id"].astype(str).isin(set(timelines["trial_id"]))]
+    rows = rows[series_of(rows) == series] if len(rows) else rows
+    if rows.empty:
+        return None
+    downtime = downtime_of(rows).dropna().sort_values()
+    if downtime.empty:
+        return None
+    return str(rows.loc[downtime.index[(len(downtime) - 1) // 2], "trial_id"])
+
+
+def plot_gantt(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """One trial per mode (its median-downtime trial): source and destination lanes of phases."""
+    rows = anatomy_rows(df)
+    modes = sorted({m for m in series_of(rows).unique() if median_trial(df, timelines, m) is not None},
+                   key=_series_key)
+    fig = Figure(figsize=(10, 1.4 + 1.6 * max(len(modes), 1)), layout="constrained", dpi=100)
+    if not modes:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no timelines in this run (timelines.csv)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    axes = fig.subplots(len(modes), 1, squeeze=False)[:, 0]
+    groups = _group_order(anatomy_table(rows, timelines, grouped=True), rows, timelines)
+    colors = _group_colors(groups)
+    for ax, mode in zip(axes, modes):
+        tid = median_trial(df, timelines, mode)
+        phases = timelines[timelines["trial_id"] == tid]
+        row = df[df["trial_id"].astype(str) == tid]
+        downtime = window_end_ns(phases, float(downtime_of(row).iloc[0]))
+        # The window is the downtime with a margin: setup, precopy and the
+        # source's release run for far longer and would squeeze it to a sliver.
+        lo, hi = -0.15 * downtime / 1e6, 1.3 * downtime / 1e6
+        min_label_ms = 0.05 * (hi - lo)
+        for lane, side in enumerate(SIDES):
+            side_phases = phases[phases["side"] == side].sort_values(["start_ns", "end_ns"])
+            for depth, p in _depths(side_phases):
+                label = f"{side}: {p.phase}"
+                width = max((p.end_ns - p.start_ns) / 1e6, 0.0)
+                ax.broken_barh([(p.start_ns / 1e6, width)], (lane + depth * 0.12 - 0.35, 0.7 - depth * 0.24),
+                               facecolors=colors.get(phase_group(label), "0.5"), edgecolors="0.3",
+                               linewidth=0.3)
+                start = max(p.start_ns / 1e6, lo)
+                if depth == 0 and min(p.end_ns / 1e6, hi) - start >= min_label_ms:
+                    ax.text(start, lane - 0.4, p.phase, fontsize=6, va="bottom", clip_on=True)
+        ax.axvspan(0, downtime / 1e6, color="0.9", zorder=0)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.axvline(downtime / 1e6, color="black", lw=0.8, ls="--")
+        ax.set_xlim(lo, hi)
+        ax.set_yticks([0, 1], list(SIDES))
+        ax.set_ylim(1.6, -0.8)
+        ax.set_title(f"{mode}: trial {tid}, downtime {fmt_ns(downtime)} (grey)", fontsize=9,
+                     loc="left")
+    axes[-1].set_xlabel("ms from the source's stop (phases before and after the window are cut; "
+                        "colours as in the anatomy bars)")
+    return fig
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _series_key(series: str) -> tuple[int, str]:
+    order = [mode_label("fd-passing"), mode_label("state-copy")]
+    return (order.index(series) if series in order else 2, series)
+
+
+def _waits(label: str) -> bool:
+    return label.split(": ", 1)[-1].startswith("wait-")
+
+
+def _group_order(table: pd.DataFrame, rows: pd.DataFrame, timelines: pd.DataFrame) -> list[str]:
+    """Groups in the order they start (median over the trials), waiting and unaccounted last."""
+    ids = set(rows["trial_id"].astype(str)) if "trial_id" in rows else set()
+    t = timelines[timelines["trial_id"].isin(ids)]
+    starts = (t.assign(group=(t["side"] + ": " + t["phase"]).map(phase_group))
+              .groupby("group")["start_ns"].median())
+    last = ("waiting for the other side", UNACCOUNTED)
+    present = list(dict.fromkeys(table["label"]))
+    ordered = sorted((g for g in present if g not in last), key=lambda g: starts.get(g, float("inf")))
+    return ordered + [g for g in last if g in present]
+
+
+def _group_colors(labels: list[str]) -> dict[str, object]:
+    cmap = matplotlib.colormaps["tab20"]
+    out: dict[str, object] = {}
+    for i, lbl in enumerate(lbl for lbl in labels if lbl not in ("waiting for the other side", UNACCOUNTED)):
+        out[lbl] = cmap(i % 20)
+    out["waiting for the other side"] = "0.8"
+    out[UNACCOUNTED] = "white"
+    return out
+
+
+def _depths(phases: pd.DataFrame):
+    """(nesting depth, phase) for phases sorted by start: depth = how many earlier phases still run."""
+    open_ends: list[float] = []
+    for p in phases.itertuples():
+        open_ends = [e for e in open_ends if e > p.start_ns]
+        yield min(len(open_ends), 2), p
+        open_ends.append(p.end_ns)

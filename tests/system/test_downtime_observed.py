@@ -1,0 +1,76 @@
+"""The downtime the VMs report agrees with what an outside client sees.
+
+Both VMs report the downtime from timestamps they exchange, so they agree by
+construction; this test checks them against an observer outside both: a
+client on the VM's socket chardev sending numbered lines at a fixed rate,
+echoed by the guest, that records the longest silence between two echoes.
+
+While the guest is stopped nothing is echoed, so the silence bounds the
+downtime from above. And the silence is close to it: before the stop the last
+line was sent at most one line interval earlier and echoed at once; after the
+resume the lines queued in the handed-over socket are echoed at once. So
+
+    downtime - interval/2  <=  longest silence  <=  downtime + 2 x interval
+
+(half an interval below for the moments between the stop's timestamp and the
+guest threads parking, one interval above for where the stop fell between two
+lines, one more for the echo and the client's read). To make the comparison
+mean something whatever the machine's speed, the source holds the migration
+at the ``device`` phase (after the stop, inside the downtime) for
+:data:`HOLD_S`: the downtime is then far longer than the line interval and
+than any scheduling hiccup, and the bounds above are in line intervals only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+from conftest import run_vm_test, wait_until
+from migfd.peers.chardev import ChardevClient
+
+
+LINE_RATE_PER_S = 100
+INTERVAL_NS = 1_000_000_000 // LINE_RATE_PER_S
+HOLD_S = 0.25
+
+
+def test_client_silence_bounds_the_reported_downtime(vms):
+    async def body():
+        d = vms.workdir
+        devices = dict(objects=("memory-backend-memfd,id=ram0,size=8M,backend-transfer=on",),
+                       chardevs=(f"socket,id=ch0,path={d}/ch0.sock,server=on,backend-transfer=on",),
+                       dirty_rate_bytes_s=1 << 20)
+        src = await vms.start("src", **devices)
+        dst = await vms.start("dst", incoming="defer", **devices)
+        client = ChardevClient(f"{d}/ch0.sock", rate_per_s=LINE_RATE_PER_S)
+        client.start()
+        try:
+            assert client.wait_echoes(5)
+            params = {"backend-transfer": True, "max-bandwidth": 1 << 30}
+            for vm in (src, dst):
+                await vm.execute("migrate-set-parameters", params)
+            await dst.execute("migrate-incoming", {"uri": f"unix:{d}/mig.sock"})
+            await src.execute("x-migration-fault", {"phase": "device", "action": "pause"})
+            await src.execute("migrate", {"uri": f"unix:{d}/mig.sock"})
+
+            async def held() -> bool:
+                return (await src.execute("x-query-fault"))["paused-at"] == "device"
+
+            await wait_until(held, 20, what="source held at the device phase")
+            await asyncio.sleep(HOLD_S)
+            await src.execute("x-migration-continue")
+            source = await src.wait_migration(60)
+            await asyncio.sleep(0.3)  # echoes after the resume
+        finally:
+            report = client.stop(drain_s=1.0)
+        assert source["status"] == "completed", source
+        assert report.reconnects == 0 and not report.lost, report
+        downtime = source["x-downtime-ns"]
+        assert downtime >= HOLD_S * 1e9  # the hold was inside the downtime
+        # the guest was silent at least as long as it says it was stopped ...
+        assert report.max_gap_ns >= downtime - INTERVAL_NS // 2, (report.max_gap_ns, downtime)
+        # ... and not much longer: within two line intervals
+        assert report.max_gap_ns <= downtime + 2 * INTERVAL_NS, (report.max_gap_ns, downtime)
+
+    run_vm_test(vms, body, timeout_s=120)
