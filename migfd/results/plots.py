@@ -348,6 +348,29 @@ def _marker_key(ax, filled: str, hollow: str) -> None:
     ax.scatter([], [], color="#555555", facecolor="white", s=24, label=hollow)
 
 
+def _rows_or_no_data(fig: Figure, axes, df: pd.DataFrame, metadata: dict | None, scenario: str,
+                     title: str) -> pd.DataFrame | None:
+    """The scenario's rows (failed ones too), or None after saying on every axis why there are none."""
+    rows = select(df, scenario, ok=None)
+    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
+        why = why_absent(df, metadata, scenario, "successful trials")
+        for ax in axes:
+            _no_data(ax, why)
+        fig.suptitle(f"{title}: no data")
+        return None
+    return rows
+
+
+def _gap_panel(ax, rows: pd.DataFrame, df: pd.DataFrame, metadata: dict | None, ylabel: str, title: str) -> None:
+    """Every trial's longest silence (max_gap_ns) per mode, on a log axis beside the handover floor."""
+    _strip(ax, _mode_groups(rows, "max_gap_ns"), scale=1e6, log=True)
+    _handover_floor_line(ax, df, metadata, 1e6)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+
+
 def plot_packet_loss(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     """TAP traffic through a migration: frames lost/duplicated and the longest gap, per mode.
 
@@ -356,12 +379,8 @@ def plot_packet_loss(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     handover floor (limits).
     """
     fig, (ax_lost, ax_gap) = _figure(2, width=6, height=4.6)
-    rows = select(df, "tap-traffic", ok=None)
-    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
-        why = why_absent(df, metadata, "tap-traffic", "successful trials")
-        for ax in (ax_lost, ax_gap):
-            _no_data(ax, why)
-        fig.suptitle("Frames under TAP traffic: no data")
+    rows = _rows_or_no_data(fig, (ax_lost, ax_gap), df, metadata, "tap-traffic", "Frames under TAP traffic")
+    if rows is None:
         return fig
     good = rows[rows["ok"].fillna(False).astype(bool)]
     _paired_counts(ax_lost, _mode_groups(rows, "frames_lost", counts=True),
@@ -375,13 +394,8 @@ def plot_packet_loss(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
                       "Frames lost (filled) and duplicated (hollow)", fontsize=10)
     ax_lost.grid(True, axis="y", alpha=0.3)
 
-    gaps = _mode_groups(rows, "max_gap_ns")
-    _strip(ax_gap, gaps, scale=1e6, log=True)
-    _handover_floor_line(ax_gap, df, metadata, 1e6)
-    ax_gap.set_yscale("log")
-    ax_gap.set_ylabel("longest gap between echoes (ms, log scale)")
-    ax_gap.set_title("Longest silence the frame sender saw", fontsize=10)
-    ax_gap.grid(True, axis="y", which="both", alpha=0.3)
+    _gap_panel(ax_gap, rows, df, metadata, "longest gap between echoes (ms, log scale)",
+               "Longest silence the frame sender saw")
     _fig_legend(fig, ax_lost, 3, ax_gap)
     fig.suptitle("Numbered frames through the TAP during the migration (tap-traffic): "
                  "dots are trials, bars medians with their 95% intervals", fontsize=10)
@@ -391,19 +405,11 @@ def plot_packet_loss(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
 def plot_chardev(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     """What a chardev client sees through the migration, per mode: its longest silence, lines lost, reconnects."""
     fig, (ax_gap, ax_lines) = _figure(2, width=6, height=4.6)
-    rows = select(df, "chardev", ok=None)
-    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
-        why = why_absent(df, metadata, "chardev", "successful trials")
-        for ax in (ax_gap, ax_lines):
-            _no_data(ax, why)
-        fig.suptitle("Chardev client: no data")
+    rows = _rows_or_no_data(fig, (ax_gap, ax_lines), df, metadata, "chardev", "Chardev client")
+    if rows is None:
         return fig
-    _strip(ax_gap, _mode_groups(rows, "max_gap_ns"), scale=1e6, log=True)
-    _handover_floor_line(ax_gap, df, metadata, 1e6)
-    ax_gap.set_yscale("log")
-    ax_gap.set_ylabel("longest silence between echoes (ms, log scale)")
-    ax_gap.set_title("Interruption seen by the client", fontsize=10)
-    ax_gap.grid(True, axis="y", which="both", alpha=0.3)
+    _gap_panel(ax_gap, rows, df, metadata, "longest silence between echoes (ms, log scale)",
+               "Interruption seen by the client")
 
     _paired_counts(ax_lines, _mode_groups(rows, "lines_lost", counts=True), _mode_groups(rows, "reconnects", counts=True),
                    "lines lost", "reconnects", ("lines lost", "reconnects"))
