@@ -314,6 +314,19 @@ class FakeDestination:
         self.fds = []
 
 
+# -- a peer of another uid --------------------------------------------------------------
+
+#: the uid a stranger runs as in the peer-credential tests
+NOBODY = 65534
+
+
+def become(uid: int) -> None:
+    """In a forked child: drop every group and become ``uid`` (root only), as a stranger would be."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
 # -- the two halves ----------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import socket
 import tempfile
 
 import pytest
+from conftest import NOBODY, become
 from qemu.qmp import QMPClient
 
 from migfd.errors import TransportError
@@ -35,7 +36,6 @@ def run(coro) -> object:
     return asyncio.run(coro)
 
 
-NOBODY = 65534
 
 
 def _connect_as(uid: int, path: str) -> tuple[int, int]:
@@ -48,9 +48,7 @@ def _connect_as(uid: int, path: str) -> tuple[int, int]:
         code = 1
         try:
             os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
+            become(uid)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(path)
@@ -132,9 +130,7 @@ def _fork_client_as(uid: int, path: str) -> tuple[int, int]:
         status = 1
         try:
             os.close(read_end)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
+            become(uid)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.connect(path)
                 data = b""

@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import run_vm_test, wait_until
+from conftest import NOBODY, become, run_vm_test, wait_until
 from qemu.qmp import ExecuteError
 
 from migfd.paths import repo_root
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 
 RAM = "memory-backend-memfd,id=ram0,size=16M,backend-transfer=on"
 BIG_RAM = "memory-backend-memfd,id=ram0,size=64M,fill=on"
-NOBODY = 65534
 IN_PROGRESS = "There's a migration process in progress"
 
 
@@ -126,9 +125,7 @@ def _stranger(path: str, how: str) -> tuple[int, int]:
         code = 1
         try:
             os.close(w)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
+            become(NOBODY)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(path)
             if how == "garbage":
