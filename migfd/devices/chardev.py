@@ -178,40 +178,51 @@ class ChardevSocket(Device):
         if listener_fd is None:
             self._listen()
             return
-        validate_socket_fd(listener_fd, listening=True, device=self.id)
+        listener = adopt_socket_fd(listener_fd, listening=True, device=self.id)
+        client = None
         if client_fd is not None:
-            validate_socket_fd(client_fd, listening=False, device=self.id)
+            try:
+                client = adopt_socket_fd(client_fd, listening=False, device=self.id)
+            except MigrationError:
+                listener.detach()  # the fds stay the migration's, which closes them
+                raise
         # From here the sockets own the fds.
-        self.listener = socket.socket(fileno=listener_fd)
-        self.listener.setblocking(False)
-        if client_fd is not None:
-            self.client = socket.socket(fileno=client_fd)
-            self.client.setblocking(False)
+        self.listener = listener
+        self.client = client
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "path": self.path, "connected": self.client is not None,
                 "lines-echoed": self.lines_echoed, "connections": self.connections}
 
 
-def validate_socket_fd(fd: int, *, listening: bool, device: str) -> None:
-    """A handed-over chardev fd must be a UNIX stream socket, listening or connected."""
+def adopt_socket_fd(fd: int, *, listening: bool, device: str) -> socket.socket:
+    """A handed-over chardev fd as a non-blocking socket, if it is a UNIX stream socket, listening or connected.
+
+    The socket object made to check the fd is the one kept: this runs inside
+    the downtime, and a probe on a dup of the fd costs as much again. When
+    the fd is refused it is left open, for its owner to close.
+    """
     try:
-        probe = socket.socket(fileno=os.dup(fd))
+        sock = socket.socket(fileno=fd)
     except OSError as exc:
         raise MigrationError(f"chardev '{device}': received fd is not a socket: {exc.strerror}") from exc
     try:
-        if probe.family != socket.AF_UNIX or probe.type != socket.SOCK_STREAM:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             raise MigrationError(f"chardev '{device}': received fd is not a UNIX stream socket")
-        accepting = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         if bool(accepting) != listening:
             what = "listening" if listening else "connected"
             raise MigrationError(f"chardev '{device}': received socket is not {what}")
         if not listening:
             try:
-                probe.getpeername()
+                sock.getpeername()
             except OSError:
                 raise MigrationError(f"chardev '{device}': received socket is not connected") from None
+        sock.setblocking(False)
+    except MigrationError:
+        sock.detach()
+        raise
     except OSError as exc:
+        sock.detach()
         raise MigrationError(f"chardev '{device}': received fd is not a socket: {exc.strerror}") from exc
-    finally:
-        probe.close()
+    return sock

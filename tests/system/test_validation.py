@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 
@@ -9,7 +10,7 @@ import pytest
 
 from conftest import needs_tap, proc_fds, run_vm_test, wait_until
 from migfd.channel import QEMUFile
-from migfd.devices.chardev import validate_socket_fd
+from migfd.devices.chardev import adopt_socket_fd
 from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd
 from migfd.devices.tap import validate_tap_fd
 from migfd.errors import MigrationError
@@ -40,6 +41,25 @@ def test_memfd_of_the_wrong_size_or_kind_is_refused_by_device_name():
             os.close(fd)
 
 
+def test_a_size_sealed_memfd_passes_and_a_tmpfs_file_does_not():
+    # The fast path trusts size seals; a tmpfs file is shmem too but cannot carry them.
+    sealed = os.memfd_create("test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(sealed, 1 << 20)
+    fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    shm = os.open(f"/dev/shm/migfd-test-{os.getpid()}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(f"/dev/shm/migfd-test-{os.getpid()}")
+    os.ftruncate(shm, 1 << 20)
+    try:
+        validate_memfd(sealed, 1 << 20, "ram0")
+        with pytest.raises(MigrationError, match="memory backend 'ram0'.*1048576 bytes, expected 4096"):
+            validate_memfd(sealed, 4096, "ram0")
+        with pytest.raises(MigrationError, match="memory backend 'ram0'.*not a memfd"):
+            validate_memfd(shm, 1 << 20, "ram0")
+    finally:
+        os.close(sealed)
+        os.close(shm)
+
+
 def test_chardev_sockets_must_be_unix_stream_listening_or_connected():
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0migfd-test-validation")
@@ -47,26 +67,29 @@ def test_chardev_sockets_must_be_unix_stream_listening_or_connected():
     a, b = socket.socketpair()
     dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    r, w = os.pipe()
     try:
-        validate_socket_fd(listener.fileno(), listening=True, device="ch0")
-        validate_socket_fd(a.fileno(), listening=False, device="ch0")
-        with pytest.raises(MigrationError, match="chardev 'ch0': received socket is not listening"):
-            validate_socket_fd(a.fileno(), listening=True, device="ch0")
-        with pytest.raises(MigrationError, match="chardev 'ch0': received socket is not connected"):
-            validate_socket_fd(listener.fileno(), listening=False, device="ch0")
-        for wrong in (dgram, tcp):
-            with pytest.raises(MigrationError, match="chardev 'ch0': received fd is not a UNIX stream socket"):
-                validate_socket_fd(wrong.fileno(), listening=False, device="ch0")
-        r, w = os.pipe()
-        try:
-            with pytest.raises(MigrationError, match="chardev 'ch0': received fd is not a socket"):
-                validate_socket_fd(r, listening=False, device="ch0")
-        finally:
-            os.close(r)
-            os.close(w)
+        # An accepted fd belongs to the socket returned (hence the dups).
+        for fd, listening in ((listener.fileno(), True), (a.fileno(), False)):
+            kept = adopt_socket_fd(os.dup(fd), listening=listening, device="ch0")
+            assert not kept.getblocking()
+            kept.close()
+        refused = [(a, True, "received socket is not listening"),
+                   (listener, False, "received socket is not connected"),
+                   (dgram, False, "received fd is not a UNIX stream socket"),
+                   (tcp, False, "received fd is not a UNIX stream socket")]
+        for sock, listening, message in refused:
+            with pytest.raises(MigrationError, match=f"chardev 'ch0': {message}"):
+                adopt_socket_fd(sock.fileno(), listening=listening, device="ch0")
+            os.fstat(sock.fileno())  # a refused fd stays open, for its owner to close
+        with pytest.raises(MigrationError, match="chardev 'ch0': received fd is not a socket"):
+            adopt_socket_fd(r, listening=False, device="ch0")
+        os.fstat(r)
     finally:
         for s in (listener, a, b, dgram, tcp):
             s.close()
+        os.close(r)
+        os.close(w)
 
 
 @needs_tap
