@@ -29,6 +29,7 @@ TUN_DEVICE_PATH = "/dev/net/tun"
 #: /dev/net/tun is the misc character device 10:200.
 TUN_DEVICE_MAJOR = 10
 TUN_DEVICE_MINOR = 200
+TUN_RDEV = os.makedev(TUN_DEVICE_MAJOR, TUN_DEVICE_MINOR)
 
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int)
@@ -66,6 +67,7 @@ IFNAMSIZ = 16
 # struct ifreq: 16 bytes of name, then a union whose first member we use as
 # ifr_flags (short); the union is 24 bytes on 64-bit Linux.
 _IFREQ = struct.Struct("16sH22x")
+_IFREQ_EMPTY = bytes(_IFREQ.size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +158,18 @@ def open_tap_queues(
     return run_in_netns(netns, open_all)
 
 
+def tap_ifreq(fd: int) -> tuple[bytes, int]:
+    """TUNGETIFF raw: the interface name NUL-padded to 16 bytes, and the flags (OSError EBADFD if none).
+
+    The form to compare many fds against one expected name: checking the
+    queues of a TAP handed over runs once per fd, inside the downtime.
+    """
+    return _IFREQ.unpack(fcntl.ioctl(fd, TUNGETIFF, _IFREQ_EMPTY))
+
+
 def tap_info(fd: int) -> TapInfo:
     """Name and flags of the TAP that ``fd`` is attached to (OSError EBADFD if none)."""
-    out = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
-    raw_name, flags = _IFREQ.unpack(out)
+    raw_name, flags = tap_ifreq(fd)
     return TapInfo(raw_name.split(b"\0", 1)[0].decode("ascii"), flags)
 
 
@@ -169,11 +179,7 @@ def is_tun_fd(fd: int) -> bool:
         st = os.fstat(fd)
     except OSError:
         return False
-    return (
-        stat.S_ISCHR(st.st_mode)
-        and os.major(st.st_rdev) == TUN_DEVICE_MAJOR
-        and os.minor(st.st_rdev) == TUN_DEVICE_MINOR
-    )
+    return st.st_rdev == TUN_RDEV and stat.S_ISCHR(st.st_mode)
 
 
 def is_tap_fd(fd: int) -> bool:

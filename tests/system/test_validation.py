@@ -12,7 +12,7 @@ from conftest import needs_tap, proc_fds, run_vm_test, wait_until
 from migfd.channel import QEMUFile
 from migfd.devices.chardev import adopt_socket_fd
 from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd
-from migfd.devices.tap import validate_tap_fd
+from migfd.devices.tap import validate_tap_fds
 from migfd.errors import MigrationError
 from migfd.migration import MIGRATION_SECTION, MIGRATION_VMSD
 from migfd.net.netns import NetNamespace
@@ -93,19 +93,24 @@ def test_chardev_sockets_must_be_unix_stream_listening_or_connected():
 
 
 @needs_tap
-def test_tap_fd_must_be_the_expected_interface():
+def test_tap_fds_must_be_the_expected_interface():
     with NetNamespace() as ns:
         fd = open_tap("vtap0", netns=ns.name)
         other = open_tap("vtap1", netns=ns.name)
         r, w = os.pipe()
         try:
-            validate_tap_fd(fd, "vtap0", False, "net0")
+            validate_tap_fds([fd], "vtap0", False, "net0")
             with pytest.raises(MigrationError, match="netdev 'net0': received TAP is attached to vtap1, expected vtap0"):
-                validate_tap_fd(other, "vtap0", False, "net0")
+                validate_tap_fds([other], "vtap0", False, "net0")
             with pytest.raises(MigrationError, match="netdev 'net0': received TAP queue has the wrong multi-queue"):
-                validate_tap_fd(fd, "vtap0", True, "net0")
+                validate_tap_fds([fd], "vtap0", True, "net0")
             with pytest.raises(MigrationError, match="netdev 'net0': received fd is not a TAP device"):
-                validate_tap_fd(r, "vtap0", False, "net0")
+                validate_tap_fds([r], "vtap0", False, "net0")
+            # every fd is checked, not only the first
+            with pytest.raises(MigrationError, match="received TAP is attached to vtap1"):
+                validate_tap_fds([fd, other], "vtap0", False, "net0")
+            with pytest.raises(MigrationError, match="netdev 'net0': received TAP is attached to vtap1, expected vtap"):
+                validate_tap_fds([other], "vtap", False, "net0")  # a prefix of the name is not the name
         finally:
             for x in (fd, other, r, w):
                 os.close(x)
