@@ -21,13 +21,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from migfd.results.summary import fmt_ns, mode_label, qemu_downtime
+from migfd.results.summary import fmt_bytes, fmt_ns, live_label, mode_label, qemu_downtime
 
 TIMELINE_COLUMNS = ["trial_id", "side", "phase", "start_ns", "end_ns"]
 UNACCOUNTED = "unaccounted"
 SIDES = ("source", "destination")
-#: the scenario and point whose trials the anatomy explains: RAM + TAP + chardev, 64 MiB
-ANATOMY_SCENARIO = "tap-traffic"
+#: The scenarios whose trials the anatomy explains, the first one the run has timelines of:
+#: RAM + TAP + chardev (the three backends handed over together), else RAM + chardev, else
+#: RAM alone (ram-size at its smallest size, live as the other two).
+ANATOMY_SCENARIOS = ("tap-traffic", "chardev", "ram-size")
 
 #: What a QEMU developer calls each step of the switchover, by (side, phase name or
 #: prefix); the stacked bars sum phases by these groups, the Gantt chart shows them all.
@@ -195,16 +197,33 @@ def anatomy_table(df: pd.DataFrame, timelines: pd.DataFrame, *, grouped: bool = 
     return table[table["median_ns"] > 0].reset_index(drop=True)
 
 
-def anatomy_rows(df: pd.DataFrame, scenario: str = ANATOMY_SCENARIO) -> pd.DataFrame:
-    """The rows the anatomy explains: one scenario's trials, and real QEMU's beside them.
+def anatomy_scenario(df: pd.DataFrame, timelines: pd.DataFrame | None) -> str:
+    """The first of :data:`ANATOMY_SCENARIOS` with a successful trial that has a timeline (else the first)."""
+    if timelines is not None and len(timelines) and "trial_id" in df:
+        timed = df["trial_id"].astype(str).isin(set(timelines["trial_id"])) & df["ok"].fillna(False).astype(bool)
+        for scenario in ANATOMY_SCENARIOS:
+            if (timed & (df["scenario"] == scenario)).any():
+                return scenario
+    return ANATOMY_SCENARIOS[0]
 
-    QEMU at the scenario's RAM size and with RAM full of data (variant
-    ``filled``) where the run has it, so that no zero page flatters it.
+
+def anatomy_rows(df: pd.DataFrame, timelines: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The rows the anatomy explains: one point of :func:`anatomy_scenario`, and real QEMU's beside them.
+
+    The point is the scenario's smallest RAM size, live where it has live
+    trials (as tap-traffic and chardev are); QEMU at that RAM size and with
+    RAM full of data (variant ``filled``) where the run has it, so that no
+    zero page flatters it.
     """
-    rows = df[df["scenario"] == scenario]
+    rows = df[df["scenario"] == anatomy_scenario(df, timelines)]
+    sizes = rows["ram_bytes"].dropna()
+    if len(sizes):
+        rows = rows[rows["ram_bytes"] == sizes.min()]
+    live = rows["live"] == True if "live" in rows else pd.Series(False, index=rows.index)  # noqa: E712
+    if live.any():
+        rows = rows[live]
     qemu = df[df["scenario"] == "qemu-peer"]
     if len(qemu):
-        sizes = rows["ram_bytes"].dropna()
         if len(sizes) and (qemu["ram_bytes"] == sizes.min()).any():
             qemu = qemu[qemu["ram_bytes"] == sizes.min()]
         if "variant" in qemu and (qemu["variant"] == "filled").any():
@@ -212,9 +231,20 @@ def anatomy_rows(df: pd.DataFrame, scenario: str = ANATOMY_SCENARIO) -> pd.DataF
     return pd.concat([rows, qemu])
 
 
+def describe_point(rows: pd.DataFrame) -> str:
+    """'tap-traffic: ram+tap+chardev, 64 MiB, live': which migrations the anatomy explains."""
+    own = rows[rows["scenario"] != "qemu-peer"]
+    if own.empty:
+        return "no migfd trials"
+    backend = next((b for b in own.get("backend", pd.Series(dtype=str)).dropna() if b), "?")
+    live = {live_label(v) for v in own.get("live", [])} - {""}
+    return (f"{own['scenario'].iloc[0]}: {backend}, {fmt_bytes(float(own['ram_bytes'].min()))}"
+            + (f", {', '.join(sorted(live))}" if live else ""))
+
+
 def plot_anatomy(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | None = None) -> Figure:
     """Stacked bars: median ns per phase of the downtime, one bar per mode; beside them, the shares."""
-    rows = anatomy_rows(df)
+    rows = anatomy_rows(df, timelines)
     table = anatomy_table(rows, timelines, grouped=True)
     fig = Figure(figsize=(11, 2.6 + 0.7 * max(table["series"].nunique(), 1)), layout="constrained", dpi=100)
     ax_abs, ax_rel = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
@@ -249,7 +279,7 @@ def plot_anatomy(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | Non
     ax_abs.set_xlabel("ms from the source's stop (sum of the median share of each phase)")
     ax_rel.set_xlabel("% of the bar")
     ax_rel.set_xlim(0, 100)
-    fig.suptitle("Where the downtime goes (RAM + TAP + chardev, 64 MiB): each instant to the innermost "
+    fig.suptitle(f"Where the downtime goes ({describe_point(rows)}): each instant to the innermost "
                  "running phase, summed by step; bars are sums of per-step medians", fontsize=10)
     fig.legend(loc="outside lower center", ncols=3, fontsize=7, frameon=False)
     return fig
@@ -257,7 +287,7 @@ def plot_anatomy(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | Non
 
 def median_trial(df: pd.DataFrame, timelines: pd.DataFrame, series: str) -> str | None:
     """The trial of ``series`` (in the anatomy rows) whose downtime is the median one, among those with a timeline."""
-    rows = anatomy_rows(df)
+    rows = anatomy_rows(df, timelines)
     rows = rows[rows["ok"].fillna(False).astype(bool) & rows["trial_id"].astype(str).isin(set(timelines["trial_id"]))]
     rows = rows[series_of(rows) == series] if len(rows) else rows
     if rows.empty:
@@ -268,11 +298,18 @@ def median_trial(df: pd.DataFrame, timelines: pd.DataFrame, series: str) -> str 
     return str(rows.loc[downtime.index[(len(downtime) - 1) // 2], "trial_id"])
 
 
+def gantt_trials(df: pd.DataFrame, timelines: pd.DataFrame) -> dict[str, str]:
+    """The trial :func:`plot_gantt` shows of each series (its :func:`median_trial`), in the figure's order."""
+    rows = anatomy_rows(df, timelines)
+    found = {m: median_trial(df, timelines, m) for m in series_of(rows).unique()}
+    return {m: found[m] for m in sorted(found, key=_series_key) if found[m] is not None}
+
+
 def plot_gantt(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | None = None) -> Figure:
     """One trial per mode (its median-downtime trial): source and destination lanes of phases."""
-    rows = anatomy_rows(df)
-    modes = sorted({m for m in series_of(rows).unique() if median_trial(df, timelines, m) is not None},
-                   key=_series_key)
+    shown = gantt_trials(df, timelines)
+    modes = list(shown)
+    rows = anatomy_rows(df, timelines)
     fig = Figure(figsize=(10, 1.4 + 1.6 * max(len(modes), 1)), layout="constrained", dpi=100)
     if not modes:
         ax = fig.add_subplot(1, 1, 1)
@@ -284,7 +321,7 @@ def plot_gantt(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | None 
     groups = _group_order(anatomy_table(rows, timelines, grouped=True), rows, timelines)
     colors = _group_colors(groups)
     for ax, mode in zip(axes, modes):
-        tid = median_trial(df, timelines, mode)
+        tid = shown[mode]
         phases = timelines[timelines["trial_id"] == tid]
         row = df[df["trial_id"].astype(str) == tid]
         downtime = window_end_ns(phases, float(downtime_of(row).iloc[0]))

@@ -35,7 +35,7 @@ from migfd.results.summary import (
     throughput,
 )
 from migfd.stats import median_ci
-from migfd.units import GiB
+from migfd.units import GiB, MiB
 
 #: One colour per mode in every figure (their names: summary.MODE_LABELS); floors are black.
 MODE_COLORS = {
@@ -224,42 +224,112 @@ def plot_downtime_vs_fds(df: pd.DataFrame, metadata: dict | None = None) -> Figu
     fitted cost of one more fd.
     """
     fig, (ax,) = _figure(1, width=8, height=5)
-    rows = select(df, "fd-count", ok=None)
-    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
-        _no_data(ax, why_absent(df, metadata, "fd-count", "successful trials"))
+    if not _fd_count_panel(ax, df, metadata):
         fig.suptitle("Downtime vs handed-over fds: no data")
         return fig
-    styles = {"batched": ("o", False), "unbatched": ("s", True)}
-    shades = {"batched": 1.0, "unbatched": 0.6}
-    for (mode, variant), g in rows.groupby(["mode", "variant"], dropna=False):
-        pts = summarize(g)
-        marker, dashed = styles.get(variant, ("^", False))
-        color = mode_color(mode)
-        slope = slope_per_fd(pts[pts["n"] > 0])
-        label = mode_label(mode) + (f", {variant}" if variant else "")
-        if not math.isnan(slope):
-            label += f": {fmt_ns(slope)}/fd"
-        _draw_series(ax, pts, "n_fds", label, color, dashed=dashed, marker=marker,
-                     alpha=shades.get(variant, 1.0))
-    floor = summarize(select(df, "limits", variant="fd-roundtrip", ok=None), metric="total_ns")
-    floor = floor[floor["n"] > 0]
-    if not floor.empty:
-        slope = slope_per_fd(floor)
-        _draw_series(ax, floor, "n_fds", f"floor: raw fd round trip, batched: {fmt_ns(slope)}/fd (limits)",
-                     FLOOR_COLOR, marker=".", linestyle=":")
-    else:
-        ax.text(0.01, 0.01, _floor_note(df, metadata, "fd-roundtrip"), transform=ax.transAxes,
-                fontsize=7, color="#444444")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    _binary_ticks(ax, pd.concat([rows["n_fds"], floor["n_fds"]]).dropna(), lambda v: f"{v:.0f}")
-    ax.set_xlabel("fds of the VM's backends, handed over with fd-passing (count, log scale)")
-    ax.set_ylabel("downtime (ms, log scale)")
-    ax.grid(True, which="both", alpha=0.3)
     _fig_legend(fig, ax, ncols=1)
     ax.set_title("Downtime vs number of handed-over fds: batched vs one fd per sendmsg\n"
                  "lines: medians with 95% intervals (bars), light bands: p5–p95; "
                  "per-fd cost = least-squares slope of the medians", fontsize=10)
+    return fig
+
+
+def _fd_count_panel(ax, df: pd.DataFrame, metadata: dict | None, mode: str | None = None) -> bool:
+    """fd-count's downtime per fd count (of ``mode``, default every mode) beside the raw fd round trip,
+    each labelled with its least-squares cost of one more fd; log–log. False (and a no-data note) when
+    the run has no successful fd-count trial."""
+    rows = select(df, "fd-count", mode, ok=None)
+    if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
+        _no_data(ax, why_absent(df, metadata, "fd-count", "successful trials"))
+        return False
+    styles = {"batched": ("o", False), "unbatched": ("s", True)}
+    shades = {"batched": 1.0, "unbatched": 0.6}
+    for (m, variant), g in rows.groupby(["mode", "variant"], dropna=False):
+        pts = summarize(g)
+        marker, dashed = styles.get(variant, ("^", False))
+        slope = slope_per_fd(pts[pts["n"] > 0])
+        label = mode_label(m) + (f", {variant}" if variant else "")
+        if not math.isnan(slope):
+            label += f": {fmt_ns(slope)}/fd"
+        _draw_series(ax, pts, "n_fds", label, mode_color(m), dashed=dashed, marker=marker,
+                     alpha=shades.get(variant, 1.0))
+    floor = summarize(select(df, "limits", variant="fd-roundtrip", ok=None), metric="total_ns")
+    floor = floor[floor["n"] > 0]
+    label = f"floor: raw fd round trip, batched: {fmt_ns(slope_per_fd(floor))}/fd (limits)" if len(floor) else ""
+    _floor_series(ax, df, metadata, floor, "n_fds", "fd-roundtrip", label, marker=".", linestyle=":")
+    _log_log(ax, pd.concat([rows["n_fds"], floor["n_fds"]]), lambda v: f"{v:.0f}",
+             "fds of the VM's backends, handed over with fd-passing (count, log scale)", "downtime (ms, log scale)")
+    return True
+
+
+def _floor_series(ax, df: pd.DataFrame, metadata: dict | None, floor: pd.DataFrame, x: str, variant: str,
+                  label: str, **style) -> None:
+    """A floor's medians (limits rows of ``variant``, summarized), or a note why the run has none."""
+    if not floor.empty:
+        _draw_series(ax, floor, x, label, FLOOR_COLOR, **style)
+    else:
+        ax.text(0.01, 0.01, _floor_note(df, metadata, variant), transform=ax.transAxes,
+                fontsize=7, color="#444444")
+
+
+def _log_log(ax, xs: pd.Series, fmt, xlabel: str, ylabel: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    _binary_ticks(ax, xs.dropna(), fmt)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _per_byte(pts: pd.DataFrame) -> str:
+    """': 1.2 ms/MiB = 0.81 GiB/s', the least-squares slope of time against bytes; '' below two sizes."""
+    slope = slope_per_fd(pts[pts["n"] > 0], x="ram_bytes")
+    return "" if not slope > 0 else f": {fmt_ns(slope * MiB)}/MiB = {fmt_rate(1e9 / slope)}"
+
+
+def _copy_time_panel(ax, df: pd.DataFrame, metadata: dict | None) -> bool:
+    """ram-size's state-copy time per RAM size beside the time the raw AF_UNIX floor takes for the same
+    bytes, each labelled with its per-byte slope; log–log. Non-live copies (downtime: the copy alone);
+    live ones (total time) only in a run without non-live ones."""
+    rows = select(df, "ram-size", "state-copy", ok=None)
+    nonlive = rows[rows["live"] == False]  # noqa: E712 (nullable boolean)
+    good = lambda r: r["ok"].fillna(False).astype(bool).any()  # noqa: E731
+    rows, metric, what = ((nonlive, "downtime_ns", "non-live, downtime") if good(nonlive) else
+                          (rows, "total_ns", "live, total time"))
+    if rows.empty or not good(rows):
+        _no_data(ax, why_absent(df, metadata, "ram-size", "successful state-copy trials"))
+        return False
+    pts = summarize(rows, metric)
+    _draw_series(ax, pts, "ram_bytes", f"state copy, {what}{_per_byte(pts)}", mode_color("state-copy"),
+                 dashed=True, marker="s")
+    floor_rows = select(df, "limits", variant="unix-throughput", ok=None)
+    floor_rows = floor_rows.assign(floor_ns=floor_rows["ram_bytes"].astype("float64")
+                                   / floor_rows["value"].astype("float64") * 1e9)
+    floor = summarize(floor_rows, "floor_ns")
+    floor = floor[floor["n"] > 0]
+    _floor_series(ax, df, metadata, floor, "ram_bytes", "unix-throughput",
+                  f"floor: the same bytes through raw AF_UNIX{_per_byte(floor)} (limits)", marker="D", linestyle="-.")
+    _log_log(ax, pd.concat([rows["ram_bytes"], floor["ram_bytes"]]), fmt_bytes,
+             "guest RAM size (floor: bytes moved; log scale)", "time (ms, log scale)")
+    return True
+
+
+def plot_slopes(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """The per-fd and per-byte slopes next to their floors (issue 9): fd-passing's downtime per fd
+    (batched and unbatched) beside the raw fd round trip; state copy's time per byte beside raw AF_UNIX.
+
+    Medians with their 95% intervals; each legend entry gives the least-squares
+    slope of its medians. A panel whose rows the run lacks says why.
+    """
+    fig, (left, right) = _figure(2, width=6.5, height=5)
+    has_fds = _fd_count_panel(left, df, metadata, "fd-passing")
+    left.set_title("one more fd: fd-passing vs the raw round trip", fontsize=10)
+    has_bytes = _copy_time_panel(right, df, metadata)
+    right.set_title("one more byte: state copy vs raw AF_UNIX", fontsize=10)
+    if has_fds or has_bytes:
+        _fig_legend(fig, left, 1, right)
+    fig.suptitle("Per-fd and per-byte slopes next to their floors (the same run): medians with 95% intervals, "
+                 "slopes fitted by least squares", fontsize=10)
     return fig
 
 

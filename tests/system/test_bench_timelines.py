@@ -7,7 +7,6 @@ stop, and the phases cover its downtime.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -15,21 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from migfd.bench import runner
 from migfd.bench.timelines import TIMELINE_COLUMNS
 from migfd.timeline import Phase, covered_ns
-from migfd.units import MiB
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bench") / "run"
-    args = argparse.Namespace(quick=True, scenarios=["ram-size"], trials=1, out=str(out),
-                              ram_sizes=[16 * MiB])
-    assert runner.main(args) == 0
-    return out
+@pytest.fixture
+def run(timelines_run) -> Path:
+    """The session's real run with timelines (tests/system/conftest.py), shared with test_notebooks.py."""
+    return timelines_run
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:

@@ -11,6 +11,7 @@ two minutes.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import pytest
 from migfd.errors import MigrationError
 from migfd.paths import repo_root
 from migfd.results import report
+from migfd.results.anatomy import TIMELINE_COLUMNS, anatomy_rows, anatomy_table, gantt_trials, load_timelines
 from migfd.results.compare import BASE_ENV, NEW_ENV, compare
 from migfd.results.load import RESULTS_ENV, find_results, load_results, load_run, newest_run
 from migfd.results.targets import targets
@@ -99,6 +101,43 @@ def test_result_notebooks_run(executed, name):
     assert len(images) >= 2
     markdown = "".join(o["data"].get("text/markdown", "") for o in outputs(nb, "display_data"))
     assert str(RESULTS) in markdown  # it says which run it shows
+
+
+NO_TIMELINES = "This run has no `timelines.csv`"
+
+
+def assert_shows_the_timelines(nb, run: Path) -> None:
+    """05-anatomy executed on ``run`` explains its downtimes phase by phase: the phase table holds the
+    steps of the run's own timelines, and the Gantt chart's trials are the run's."""
+    assert not list(outputs(nb, "error"))
+    text = "".join(o.get("data", {}).get(kind, "") for o in outputs(nb) for kind in ("text/markdown", "text/html"))
+    assert NO_TIMELINES not in text
+    df, _ = load_results(run)
+    timelines = load_timelines(run)
+    steps = set(anatomy_table(anatomy_rows(df, timelines), timelines, grouped=True)["label"])
+    assert {"stop the guest", "resume the guest"} <= steps  # phase names of the run: stop, resume
+    for step in steps:
+        assert html.escape(step) in text, step
+    shown = gantt_trials(df, timelines)
+    assert set(shown) == {"fd-passing", "state copy"}
+    for tid in shown.values():
+        assert f"`{tid}`" in text and (run / "traces" / f"{tid}.json").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_anatomy_notebook_on_a_real_run_with_timelines(timelines_run, tmp_path):
+    # independent of the committed reference run, which may have no timelines: a real bench run that has them
+    nb = report.execute_notebook(NOTEBOOKS / "05-anatomy.ipynb", timelines_run, tmp_path)
+    assert_shows_the_timelines(nb, timelines_run)
+    assert sum("image/png" in o.get("data", {}) for o in outputs(nb)) >= 3  # bars, Gantt, slopes
+    # the same run without its timelines: the notebook says so, and the check above fails
+    bare = tmp_path / "bare"
+    shutil.copytree(timelines_run, bare)
+    (bare / "timelines.csv").write_text(",".join(TIMELINE_COLUMNS) + "\n")
+    nb = report.execute_notebook(NOTEBOOKS / "05-anatomy.ipynb", bare, tmp_path)
+    assert NO_TIMELINES in "".join(o.get("data", {}).get("text/markdown", "") for o in outputs(nb))
+    with pytest.raises(AssertionError):
+        assert_shows_the_timelines(nb, bare)
 
 
 def verdict_cells(nb) -> list[str]:

@@ -1,14 +1,11 @@
-"""migfd.results on small hand-built tables: loading, summaries with intervals, target verdicts,
-figures (the protocol tour's tables are in test_tour.py).
+"""migfd.results on small hand-built tables: loading, summaries with intervals, figures, the run's
+description (targets: test_targets.py; the protocol tour's tables: test_tour.py).
 
-The rows built here are FIXTURES OF THE ANALYSIS CODE, not measurements: round
-numbers chosen so that each median, percentile and ratio can be checked by
-hand, and so that each target verdict sits just on one side of its threshold.
+The rows are fixtures of the analysis code (tests/unit/result_rows.py), not measurements.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
 
@@ -19,15 +16,7 @@ from matplotlib.figure import Figure
 
 from migfd.errors import MigrationError
 from migfd.results.describe import busy_note, describe_run
-from migfd.results.load import (
-    FLOAT_COLUMNS,
-    INT_COLUMNS,
-    RESULTS_ENV,
-    TEXT_COLUMNS,
-    clean_results,
-    find_results,
-    load_results,
-)
+from migfd.results.load import RESULTS_ENV, find_results, load_results
 from migfd.results.plots import (
     plot_chardev,
     plot_downtime_vs_fds,
@@ -36,38 +25,23 @@ from migfd.results.plots import (
     plot_throughput,
 )
 from migfd.results.summary import fmt_bytes, fmt_ns, format_summary, slope_per_fd, summarize, trials_table
-from migfd.results.targets import TARGETS, format_targets, targets
+from migfd.results.targets import format_targets, targets
 from migfd.units import GiB, MiB
-
-MS = 1_000_000  # ns
-US = 1_000  # ns
-
-
-def fixture_row(**kw) -> dict:
-    """One results.csv row of a fixture table: every column of docs/RESULTS.md, "" unless given."""
-    row = {c: "" for c in TEXT_COLUMNS + INT_COLUMNS + FLOAT_COLUMNS}
-    row.update({"ok": True, "live": ""})
-    row.update(kw)
-    return row
-
-
-def table(rows: list[dict]) -> pd.DataFrame:
-    """A fixture table, typed exactly as load_results types a results.csv."""
-    return clean_results(pd.DataFrame(rows).astype(str).replace({"": pd.NA}))
-
-
-def ram_rows(mode: str, size: int, downtimes_ms, live=False, **kw) -> list[dict]:
-    return [fixture_row(scenario="ram-size", mode=mode, backend="ram", ram_bytes=size, live=live,
-                        trial=i, downtime_ns=int(d * MS), total_ns=int(d * MS), setup_ns=0, **kw)
-            for i, d in enumerate(downtimes_ms)]
-
-
-def floor_row(variant: str, **kw) -> dict:
-    return fixture_row(scenario="limits", mode="floor", variant=variant, trial=0, **kw)
-
-
-def verdict(df, key, meta=None) -> pd.Series:
-    return targets(df, meta, keys=[key]).iloc[0]
+from result_rows import (
+    MS,
+    US,
+    error_bars,
+    fd_count_rows,
+    fd_floor_rows,
+    fixture_row,
+    floor_row,
+    medians_line,
+    qemu_rows,
+    ram_rows,
+    table,
+    texts,
+    traffic_rows,
+)
 
 
 # -- loading --------------------------------------------------------------------
@@ -188,247 +162,7 @@ def test_formatting():
     assert fmt_ns(999.9999) == "1 µs"  # rounded before the unit is chosen
 
 
-# -- targets --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("large_ms, expected", [(12.5, "pass"), (12.6, "fail")])
-def test_target_flat_in_ram_flips_at_1_25(large_ms, expected):
-    df = table(ram_rows("fd-passing", 64 * MiB, [10, 10, 10]) + ram_rows("fd-passing", GiB, [large_ms] * 3))
-    t = verdict(df, "flat-in-ram")
-    assert t["measured"] == pytest.approx(large_ms / 10)
-    assert t["verdict"] == expected
-    assert (t["why"] == "") == (expected == "pass")
-
-
-def test_target_flat_takes_the_worse_of_live_and_non_live():
-    df = table(ram_rows("fd-passing", 64 * MiB, [10] * 3) + ram_rows("fd-passing", GiB, [11] * 3)
-               + ram_rows("fd-passing", 64 * MiB, [10] * 3, live=True)
-               + ram_rows("fd-passing", GiB, [20] * 3, live=True))
-    t = verdict(df, "flat-in-ram")
-    assert t["measured"] == pytest.approx(2.0) and "live:" in t["detail"] and t["verdict"] == "fail"
-
-
-def test_target_verdict_is_taken_on_the_interval():
-    # medians 10 and 12 ms (1.2: below 1.25), but the trials spread so much the interval straddles 1.25
-    noisy = table(ram_rows("fd-passing", 64 * MiB, [8, 10, 12]) + ram_rows("fd-passing", GiB, [9, 12, 16]))
-    t = verdict(noisy, "flat-in-ram")
-    assert t["measured"] == pytest.approx(1.2) and t["ci_low"] < 1.25 < t["ci_high"]
-    assert t["verdict"] == "inconclusive" and "straddles" in t["why"]
-    # the same medians from steady trials pass
-    steady = table(ram_rows("fd-passing", 64 * MiB, [9.9, 10, 10.1]) + ram_rows("fd-passing", GiB, [11.9, 12, 12.1]))
-    t = verdict(steady, "flat-in-ram")
-    assert t["verdict"] == "pass" and t["ci_high"] <= 1.25
-    # a single trial per size has no interval: it cannot pass
-    single = table(ram_rows("fd-passing", 64 * MiB, [10]) + ram_rows("fd-passing", GiB, [10]))
-    assert verdict(single, "flat-in-ram")["verdict"] == "inconclusive"
-
-
-@pytest.mark.parametrize("copy_ms, expected", [(1000, "pass"), (999, "fail")])
-def test_target_copy_vs_fd_at_1gib_flips_at_100(copy_ms, expected):
-    df = table(ram_rows("fd-passing", GiB, [10, 10]) + ram_rows("state-copy", GiB, [copy_ms, copy_ms]))
-    t = verdict(df, "copy-vs-fd-1gib")
-    assert t["measured"] == pytest.approx(copy_ms / 10) and t["verdict"] == expected
-
-
-def test_target_copy_vs_fd_not_measured_without_1gib():
-    df = table(ram_rows("fd-passing", 256 * MiB, [10]) + ram_rows("state-copy", 256 * MiB, [500]))
-    t = verdict(df, "copy-vs-fd-1gib")
-    assert t["verdict"] == "not-measured" and np.isnan(t["measured"])
-    assert "256 MiB" in t["why"] and "50" in t["detail"]  # the ratio where it was measured
-    meta = {"scenarios": {"ram-size": {"ran": True, "skipped_points": [
-        {"ram_bytes": GiB, "reason": "1 GiB needs 4 GiB of free memory"}]}}}
-    assert "needs 4 GiB of free memory" in verdict(df, "copy-vs-fd-1gib", meta)["why"]
-
-
-def traffic_rows(lost, dup, mode="fd-passing"):
-    return [fixture_row(scenario="tap-traffic", mode=mode, backend="ram+tap+chardev", ram_bytes=64 * MiB,
-                        live=True, trial=i, downtime_ns=1 * MS, frames_sent=10000, frames_lost=l,
-                        frames_duplicated=d, max_gap_ns=2 * MS)
-            for i, (l, d) in enumerate(zip(lost, dup))]
-
-
-def test_target_zero_frames():
-    assert verdict(table(traffic_rows([0, 0], [0, 0])), "zero-frames-lost")["verdict"] == "pass"
-    t = verdict(table(traffic_rows([0, 1], [0, 0])), "zero-frames-lost")
-    assert t["verdict"] == "fail" and t["measured"] == 1 and "1 frames lost" in t["why"]
-    t = verdict(table(traffic_rows([0], [2])), "zero-frames-lost")
-    assert t["verdict"] == "fail" and t["measured"] == 2
-    # state copy losing frames does not touch the fd-passing target
-    assert verdict(table(traffic_rows([0], [0]) + traffic_rows([500], [0], "state-copy")),
-                   "zero-frames-lost")["verdict"] == "pass"
-
-
-def test_target_zero_frames_counts_failed_trials():
-    rows = traffic_rows([0, 4], [0, 0])
-    rows[1].update(ok=False, error="check: RAM verification failed")  # it lost 4 frames all the same
-    t = verdict(table(rows), "zero-frames-lost")
-    assert t["verdict"] == "fail" and t["measured"] == 4 and "1 of them failed" in t["detail"]
-    # a failed trial without counts: what it lost is unknown, so the target cannot pass
-    rows = traffic_rows([0, 0], [0, 0])
-    rows[1].update(ok=False, error="migration: timed out", frames_sent="", frames_lost="", frames_duplicated="")
-    t = verdict(table(rows), "zero-frames-lost")
-    assert t["verdict"] == "inconclusive" and "no frame counts" in t["why"]
-
-
-def test_not_measured_says_why_from_metadata():
-    meta = {"scenarios": {"tap-traffic": {"ran": False, "reason": "needs root and /dev/net/tun"},
-                          "qemu-peer": {"ran": False, "reason": "qemu-system-x86_64 is not installed"}}}
-    df = table(ram_rows("fd-passing", 64 * MiB, [10]))
-    t = targets(df, meta).set_index("target")
-    frames = t.loc[TARGETS["zero-frames-lost"].name]
-    assert frames["verdict"] == "not-measured" and "needs root and /dev/net/tun" in frames["why"]
-    qemu = t.loc[TARGETS["vs-qemu"].name]
-    assert qemu["verdict"] == "not-measured" and "qemu-system-x86_64 is not installed" in qemu["why"]
-    assert len(t) == len(TARGETS)
-    # without metadata the table still says which rows are missing
-    assert "no tap-traffic rows" in verdict(df, "zero-frames-lost")["why"]
-
-
-def test_not_measured_when_every_trial_failed():
-    rows = traffic_rows([0], [0])
-    rows[0].update(ok=False, error="migration: timed out", frames_sent="", frames_lost="", frames_duplicated="")
-    t = verdict(table(rows), "zero-frames-lost")
-    assert t["verdict"] == "not-measured" and "timed out" in t["why"]
-
-
-def copy_rows(size: int, n: int = 2, live=False) -> list[dict]:
-    # 1 GiB per 1.25 s of downtime: 0.8 GiB/s; total time (with setup and the source's release) much longer
-    return [fixture_row(scenario="ram-size", mode="state-copy", backend="ram", ram_bytes=size, live=live,
-                        trial=i, downtime_ns=int(1250 * MS * size / GiB), total_ns=int(4000 * MS * size / GiB),
-                        setup_ns=100 * MS, bytes_sent=size) for i in range(n)]
-
-
-def throughput_floor(size: int, bps: float, n: int = 2) -> list[dict]:
-    return [floor_row("unix-throughput", ram_bytes=size, total_ns=int(size / bps * 1e9), value=bps, unit="bytes/s")
-            for _ in range(n)]
-
-
-@pytest.mark.parametrize("floor_bps, expected", [(GiB, "pass"), (GiB + 2 * MiB, "fail")])
-def test_target_copy_throughput_flips_at_0_8(floor_bps, expected):
-    t = verdict(table(copy_rows(GiB) + throughput_floor(GiB, floor_bps)), "copy-throughput")
-    # the window is the downtime of the non-live copy, not total - setup (which holds the release)
-    assert t["measured"] == pytest.approx(0.8 * GiB / floor_bps)
-    assert t["verdict"] == expected
-
-
-def test_target_copy_throughput_compares_the_same_size_only():
-    # a 4 GiB copy against a floor measured at 256 MiB is no comparison
-    t = verdict(table(copy_rows(4 * GiB) + throughput_floor(256 * MiB, GiB)), "copy-throughput")
-    assert t["verdict"] == "not-measured" and "256 MiB" in t["why"] and "4 GiB" in t["why"]
-    # with floors at both sizes, each size is compared with its own; the worse decides
-    t = verdict(table(copy_rows(256 * MiB) + copy_rows(4 * GiB) + throughput_floor(256 * MiB, GiB)
-                      + throughput_floor(4 * GiB, 2 * GiB)), "copy-throughput")
-    assert t["measured"] == pytest.approx(0.4) and t["verdict"] == "fail" and "4 GiB" in t["detail"]
-    # live copies are not this target's (their window holds the running guest)
-    assert verdict(table(copy_rows(GiB, live=True) + throughput_floor(GiB, GiB)),
-                   "copy-throughput")["verdict"] == "not-measured"
-
-
-@pytest.mark.parametrize("floor_us, expected", [(100, "pass"), (99, "fail")])
-def test_target_handover_floor_flips_at_10(floor_us, expected):
-    rows = traffic_rows([0, 0, 0], [0, 0, 0])  # fd-passing downtime 1 ms
-    rows += [floor_row("handover-floor", backend="ram+tap+chardev", n_fds=3, device_state_bytes=400,
-                       total_ns=floor_us * US, value=floor_us * US, unit="ns")] * 2
-    t = verdict(table(rows), "handover-floor")
-    assert t["measured"] == pytest.approx(1000 / floor_us) and t["verdict"] == expected
-
-
-def fd_count_rows(per_fd_us, variant="batched"):
-    return [fixture_row(scenario="fd-count", mode="fd-passing", variant=variant, backend="socket", n_fds=n,
-                        live=True, trial=t, downtime_ns=int(1 * MS + (n - 1) * per_fd_us * US))
-            for n in (1, 11, 21) for t in (0, 1)]
-
-
-def fd_floor_rows():
-    return [floor_row("fd-roundtrip", backend="socket", n_fds=n, total_ns=10 * US + (n - 1) * US,
-                      value=1 * US, unit="ns/fd") for n in (1, 11, 21) for _ in (0, 1)]
-
-
-@pytest.mark.parametrize("per_fd_us, expected", [(2.0, "pass"), (2.1, "fail")])
-def test_target_per_fd_cost_flips_at_2(per_fd_us, expected):
-    # the unbatched series is slower per fd and must not be the one compared
-    df = table(fd_count_rows(per_fd_us) + fd_count_rows(50, "unbatched") + fd_floor_rows())
-    t = verdict(df, "per-fd-cost")
-    assert t["measured"] == pytest.approx(per_fd_us) and t["verdict"] == expected
-
-
-def test_target_per_fd_cost_interval_comes_from_the_trials():
-    rows = fd_count_rows(2.0) + fd_floor_rows()
-    # the two trials at 21 fds: 1.5 and 2.5 µs per fd; their median is the 2.0 of the threshold
-    rows[4]["downtime_ns"], rows[5]["downtime_ns"] = int(1 * MS + 30 * US), int(1 * MS + 50 * US)
-    t = verdict(table(rows), "per-fd-cost")
-    assert t["measured"] == pytest.approx(2.0)
-    assert t["ci_low"] == pytest.approx(1.5) and t["ci_high"] == pytest.approx(2.5)
-    assert t["verdict"] == "inconclusive"
-
-
-def qemu_rows(downtime_ms, mode="qemu-ram-copied", size=64 * MiB):
-    return [fixture_row(scenario="qemu-peer", mode=mode, backend="ram", ram_bytes=size, live=False,
-                        trial=i, downtime_ns=int(d * MS), total_ns=int(d * MS)) for i, d in enumerate(downtime_ms)]
-
-
-def test_target_vs_qemu_is_strict_and_takes_qemus_faster_mode():
-    fd = ram_rows("fd-passing", 64 * MiB, [10, 10, 10])
-    assert verdict(table(fd + qemu_rows([20, 20])), "vs-qemu")["verdict"] == "pass"
-    t = verdict(table(fd + qemu_rows([20, 20]) + qemu_rows([10, 10], "qemu-ram-shared")), "vs-qemu")
-    assert t["measured"] == pytest.approx(1.0) and t["verdict"] == "fail"  # equal is not below
-    assert "RAM shared" in t["detail"] and "misses < 1" in t["why"]
-    # a size QEMU ran but fd-passing did not is not a comparison
-    t = verdict(table(fd + qemu_rows([20], size=128 * MiB)), "vs-qemu")
-    assert t["verdict"] == "not-measured"
-
-
-def test_target_vs_qemu_prefers_stop_resume_events():
-    # QEMU's own downtime ends on the source; the STOP->RESUME events end where migfd's does
-    fd = ram_rows("fd-passing", 64 * MiB, [10, 10, 10])
-    q = qemu_rows([5, 5])
-    for row in q:
-        row["stop_resume_ns"] = 40 * MS
-    t = verdict(table(fd + q), "vs-qemu")
-    assert t["measured"] == pytest.approx(0.25) and t["verdict"] == "pass"
-    assert "STOP/RESUME" in t["detail"]
-    fig = plot_downtime_vs_ram(table(fd + q), {})
-    series = medians_line(fig.axes[0], "real QEMU")
-    assert list(series.get_ydata()) == [40.0] and "STOP→RESUME" in series.get_label()
-
-
-def test_targets_ignore_failed_trials():
-    rows = ram_rows("fd-passing", 64 * MiB, [10, 10]) + ram_rows("fd-passing", GiB, [10, 10])
-    rows.append(fixture_row(scenario="ram-size", mode="fd-passing", backend="ram", ram_bytes=GiB, live=False,
-                            trial=9, downtime_ns=900 * MS, ok=False, error="check: RAM differs"))
-    t = verdict(table(rows), "flat-in-ram")
-    assert t["verdict"] == "pass" and t["measured"] == pytest.approx(1.0)
-    assert "1 of 5 trials failed" in t["detail"]
-
-
-def test_unknown_target_key():
-    with pytest.raises(ValueError, match="unknown target"):
-        targets(table([]), keys=["nope"])
-
-
 # -- figures --------------------------------------------------------------------
-
-
-def texts(fig: Figure) -> str:
-    """Every piece of text in a figure: titles, labels, ticks, legends (drawn first: ticks are made then)."""
-    fig.savefig(io.BytesIO(), format="png")
-    out = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
-    return "\n".join(out)
-
-
-def medians_line(ax, label_start: str):
-    """The line of medians of the series whose label starts with ``label_start`` (an errorbar container)."""
-    container = next(c for c in ax.containers if str(c.get_label()).startswith(label_start))
-    line = container.lines[0]
-    line.set_label(container.get_label())
-    return line
-
-
-def error_bars(ax, label_start: str) -> np.ndarray:
-    """(low, high) of each error bar of that series, in data units."""
-    container = next(c for c in ax.containers if str(c.get_label()).startswith(label_start))
-    segments = container.lines[2][0].get_segments()
-    return np.array([[seg[0][1], seg[1][1]] for seg in segments])
 
 
 def full_table() -> pd.DataFrame:
@@ -566,21 +300,3 @@ def test_busy_machine_is_flagged_by_the_documented_rule():
     assert "65% of a CPU at the end" in note and "cc1 (45%)" in note
     assert "⚠ Warning:** the machine was busy" in describe_run(neighbours)
     assert busy_note({}) == ""  # a run that did not record it is not called busy
-
-
-def test_target_vs_qemu_per_version_against_filled_ram():
-    fd = ram_rows("fd-passing", 64 * MiB, [10, 10, 10])
-
-    def q(version, variant, ms):
-        rows = qemu_rows(ms)
-        for r in rows:
-            r.update(peer_version=version, variant=variant)
-        return rows
-
-    # QEMU 10.0 with RAM as it comes (zero pages) is faster, but that is not like with like
-    rows = fd + q("7.2.22", "filled", [20, 20]) + q("10.0.2", "filled", [30, 30]) + q("10.0.2", "idle", [5, 5])
-    t = verdict(table(rows), "vs-qemu")
-    assert t["verdict"] == "pass" and t["measured"] == pytest.approx(0.5) and "QEMU 7.2.22" in t["detail"]
-    # each version is a point: one QEMU faster than fd-passing fails the target
-    t = verdict(table(fd + q("7.2.22", "filled", [20, 20]) + q("10.0.2", "filled", [8, 8])), "vs-qemu")
-    assert t["verdict"] == "fail" and "QEMU 10.0.2" in t["detail"] and "worst of 2" in t["detail"]
