@@ -10,6 +10,7 @@ the ``vms`` fixture's teardown, which SIGKILLs whatever is still alive.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shutil
@@ -20,14 +21,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from migfd.bench import runner
 from migfd.net.tun import TUN_DEVICE_PATH
 from migfd.peers.process import VMProcess, proc_fds
 from migfd.peers import tapnet
 from migfd.peers.tapnet import netns_with_tap
+from migfd.units import MiB
 
 # -- skip markers ----------------------------------------------------------------
 
@@ -336,3 +340,17 @@ def pytest_collection_modifyitems(config, items):
         half = item.path.parent.name
         if half in ("unit", "system"):
             item.add_marker(getattr(pytest.mark, half))
+
+
+@pytest.fixture(scope="session")
+def timelines_run(tmp_path_factory) -> Path:
+    """A real ``migfd bench`` results directory with ``timelines.csv`` and ``traces/``: the smallest
+    ram-size point (fd-passing and state copy, live and not), one trial each, made once per session.
+
+    test_bench_timelines.py checks the files; test_notebooks.py runs 05-anatomy on them.
+    """
+    out = tmp_path_factory.mktemp("bench-timelines") / "run"
+    args = argparse.Namespace(quick=True, scenarios=["ram-size"], trials=1, out=str(out),
+                              ram_sizes=[16 * MiB])
+    assert runner.main(args) == 0
+    return out
