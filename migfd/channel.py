@@ -16,6 +16,12 @@ room for SCM_MAX_FD fds on every read, queues fds in arrival order, and
 treats a truncated control message as fatal, because the kernel then has
 dropped fds silently.
 
+A state copy's pages take no copy in user space on their way: the source
+hands :meth:`QEMUFile.put_buffers` record headers and views of guest RAM,
+sent by sendmsg with many buffers; the destination's reader lends the
+channel the free end of its buffer and :meth:`QEMUFile.read_into` receives
+into it.
+
 A socket stays in blocking mode: a bound on a write is the kernel's
 SO_SNDTIMEO, and a read first polls (bounded) only when nothing is there, so
 data that has arrived costs one system call.
@@ -35,12 +41,13 @@ broken, as if the peer had vanished.
 from __future__ import annotations
 
 import array
+import os
 import select
 import socket
 import struct
 import time
 from collections import deque
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 from migfd.errors import ChannelBrokenError, ChannelClosedError, ChannelError
 from migfd.fds import close_fds
@@ -56,6 +63,9 @@ MAX_FDS_PER_MESSAGE = 16
 #: Bound on received fds not yet claimed, so a peer cannot exhaust our fd table.
 MAX_QUEUED_FDS = 1024
 DEFAULT_BUFSIZE = 256 * KiB
+
+#: buffers one sendmsg/writev takes at most (Linux's UIO_MAXIOV)
+IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 
 #: Linux's SO_SNDBUFFORCE (socket(7)), which the socket module does not name
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
@@ -94,6 +104,8 @@ class QEMUFile:
         self._rbuf = bytearray()
         self._rpos = 0
         self._rfds: deque[int] = deque()
+        # Reads that no reader lends a buffer for go into one reused buffer: a
+        # fresh 256 KiB object per read costs page faults.
         self._scratch = bytearray(bufsize)
         self._scratch_view = memoryview(self._scratch)
         self._eof = False
@@ -230,6 +242,24 @@ class QEMUFile:
     def put_be64(self, value: int) -> None:
         self.put_buffer(struct.pack(">Q", value))
 
+    def put_buffers(self, buffers: Sequence) -> None:
+        """Send 1-D byte buffers in order, none of them copied (a state copy's
+        page records: headers and views of guest RAM).
+
+        What is buffered goes first: in the same system call unless it
+        carries fds, which keep their own sendmsg. Then one sendmsg (writev
+        for a file) per :data:`IOV_MAX` buffers; a call that took only part
+        of them goes on from the first byte it did not take.
+        """
+        if self.closed or self._broken is not None:
+            self._check_open()
+        if self._pending_fds:
+            self._send_buffer()
+        if self._wbuf:
+            buffers = [self._wbuf, *buffers]
+            self._wbuf = bytearray()
+        self._sendv(list(buffers))
+
     def put_fd(self, fd: int) -> None:
         """Send ``fd`` beside one service byte; the caller keeps its own fd.
 
@@ -280,6 +310,34 @@ class QEMUFile:
             raise self._io_error(f"write failed: {exc.strerror or exc}") from exc
         self.bytes_sent += len(data)
 
+    def _sendv(self, buffers: list) -> None:
+        """Send every buffer of ``buffers`` (which it may change), IOV_MAX at a time."""
+        first = 0
+        try:
+            while first < len(buffers):
+                chunk = buffers[first:first + IOV_MAX]
+                if self._sock is not None:
+                    sent = self._sock.sendmsg(chunk)
+                else:
+                    assert self._file is not None
+                    sent = os.writev(self._file.fileno(), chunk)
+                self.bytes_sent += sent
+                if sent == sum(map(len, chunk)):
+                    first += len(chunk)
+                    continue
+                # A partial send (SO_SNDTIMEO ran out, a signal, a full disk):
+                # skip the buffers that went, cut the one that went in part.
+                for buf in chunk:
+                    if sent < len(buf):
+                        buffers[first] = memoryview(buf)[sent:]
+                        break
+                    sent -= len(buf)
+                    first += 1
+        except (TimeoutError, BlockingIOError) as exc:
+            raise self._io_error("timed out writing") from exc
+        except OSError as exc:
+            raise self._io_error(f"write failed: {exc.strerror or exc}") from exc
+
     def _send_fds(self, payload: memoryview) -> None:
         """One sendmsg of ``payload`` with the pending fds (their service bytes are in it)."""
         fds = self._pending_fds
@@ -324,33 +382,45 @@ class QEMUFile:
         Without ``block``, None when nothing has arrived. ``(b"", [])`` is the
         end of the stream.
         """
+        got = self._receive_into(self._scratch_view, block)
+        if got is None:
+            return None
+        nbytes, fds = got
+        return self._scratch_view[:nbytes], fds
+
+    def _receive_into(self, buffer: memoryview, block: bool) -> tuple[int, list[int]] | None:
+        """One read from the kernel into ``buffer``: how many bytes, and the fds with them.
+
+        Without ``block``, None when nothing has arrived. ``(0, [])`` is the
+        end of the stream.
+        """
         self._check_open()
         if self._eof:
-            return b"", []
+            return 0, []
         try:
             if self._sock is None:
                 assert self._file is not None
-                data: bytes | memoryview = self._file.read(self.bufsize)
+                nbytes = self._file.readinto(buffer) or 0
                 fds: list[int] = []
             else:
-                got = self._recvmsg()
+                got = self._recvmsg(buffer)
                 while got is None:
                     if not block:
                         return None
                     self.wait_readable()
-                    got = self._recvmsg()
-                data, fds = got
+                    got = self._recvmsg(buffer)
+                nbytes, fds = got
         except TimeoutError as exc:
             raise self._io_error("timed out waiting for data") from exc
         except OSError as exc:
             raise self._io_error(f"read failed: {exc.strerror or exc}") from exc
-        if not data:
+        if not nbytes:
             self._eof = True
             close_fds(fds)
-            return b"", []
-        self.bytes_received += len(data)
+            return 0, []
+        self.bytes_received += nbytes
         self.fds_received += len(fds)
-        return data, fds
+        return nbytes, fds
 
     def wait_readable(self) -> None:
         """Block until something can be read (bounded by :meth:`settimeout`)."""
@@ -364,20 +434,17 @@ class QEMUFile:
             raise self._io_error("timed out waiting for data") from TimeoutError(
                 f"nothing to read within {self._timeout_s} s")
 
-    def _recvmsg(self) -> tuple[memoryview, list[int]] | None:
-        """One non-blocking read; None when nothing has arrived."""
+    def _recvmsg(self, buffer: memoryview) -> tuple[int, list[int]] | None:
+        """One non-blocking read into ``buffer``; None when nothing has arrived."""
         assert self._sock is not None
         try:
             if not self.supports_fds:
-                nbytes = self._sock.recv_into(self._scratch, 0, socket.MSG_DONTWAIT)
-                return self._scratch_view[:nbytes], []
-            # Into one reused buffer: a fresh 256 KiB object per read costs page faults.
+                return self._sock.recv_into(buffer, 0, socket.MSG_DONTWAIT), []
             start = time.monotonic_ns()
             nbytes, ancdata, flags, _ = self._sock.recvmsg_into(
-                [self._scratch], _ANCBUF, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+                [buffer], _ANCBUF, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
-        data = self._scratch_view[:nbytes]
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -388,7 +455,26 @@ class QEMUFile:
         if flags & socket.MSG_CTRUNC:
             close_fds(fds)
             raise ChannelError(f"{self.name}: control message truncated, fds were lost")
-        return data, fds
+        return nbytes, fds
+
+    def read_into(self, buffer: memoryview, block: bool = True) -> tuple[int, list[int]] | None:
+        """What has arrived, written into ``buffer``: how many bytes, and the fds with them.
+
+        ``buffer`` is a writable byte view a reader lends (as asyncio's
+        BufferedProtocol.get_buffer does), so that bulk data goes from the
+        kernel straight into the reader's buffer, with no copy in between.
+        Bytes and fds the channel already holds come first, without a read.
+        The caller owns the fds returned. ``(0, [])`` means end of stream;
+        without ``block``, None when nothing has arrived.
+        """
+        if self._rpos == len(self._rbuf) and not self._rfds:
+            return self._receive_into(buffer, block)
+        nbytes = min(len(buffer), len(self._rbuf) - self._rpos)
+        buffer[:nbytes] = self._rbuf[self._rpos:self._rpos + nbytes]
+        self._rpos += nbytes
+        fds = list(self._rfds)
+        self._rfds.clear()
+        return nbytes, fds
 
     def read_chunk(self, block: bool = True) -> tuple[bytes | memoryview, list[int]] | None:
         """What has arrived: buffered bytes and queued fds, reading once if there are none.

@@ -17,7 +17,7 @@ from migfd.channel import QEMUFile
 from migfd.devices.base import Device
 from migfd.devices.memfd import PAGE, MemoryBackendMemfd
 from migfd.params import MigrationParameters
-from migfd.stream import Bool, UInt64, VMStateDescription
+from migfd.stream import Bool, UInt64, VMStateDescription, compile_vmsd
 from migfd.timeline import Timeline
 
 #: migfd's own section: when the source stopped the guest (CLOCK_MONOTONIC ns).
@@ -155,6 +155,10 @@ class MigrationBase:
         self.finished = threading.Event()
         #: called with each phase name (see migfd.faults); does nothing unless a fault is armed
         self.hook: Callable[[str], None] = lambda phase: None
+        # Every section this migration saves or loads, compiled now: in a fresh
+        # process the first use would otherwise compile inside the downtime.
+        for vmsd in [d.vmsd for d in vm.devices] + [MIGRATION_VMSD]:
+            compile_vmsd(vmsd)
 
     def set_status(self, status: MigrationStatus) -> None:
         if status in TERMINAL:

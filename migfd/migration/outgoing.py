@@ -31,6 +31,7 @@ from migfd.migration.base import (
 )
 from migfd.params import MigrationParameters
 from migfd.stream import PageBatch, RamBlock, ReturnPathMessage, StreamWriter
+from migfd.stream.ram import nonzero_pages
 from migfd.transport import Address, FileAddress, connect_outgoing
 
 __all__ = ["BATCH_PAGES", "OutgoingMigration", "reattach_with_retry"]
@@ -154,11 +155,13 @@ class OutgoingMigration(MigrationBase):
         limit = self.params.max_bandwidth
         for dev in devices:
             dirty = dev.sync_dirty_bitmap()
-            ram = dev.pages_array()
             for first in range(0, len(dirty), BATCH_PAGES):
                 index = dirty[first:first + BATCH_PAGES]
-                rows = ram[index]
-                nonzero = rows.any(axis=1)
+                # A view of guest RAM where the pages are consecutive: the records
+                # are sent from it. Correct in precopy too: a page the guest
+                # changes meanwhile is dirty again and goes again, as in QEMU.
+                rows = dev.page_rows(index)
+                nonzero = nonzero_pages(rows)
                 normal = int(nonzero.sum())
                 self.stats.normal_pages += normal
                 self.stats.duplicate_pages += len(index) - normal

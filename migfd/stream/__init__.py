@@ -13,8 +13,7 @@ from migfd.stream.constants import (
     ReturnPathMessage,
     SectionType,
 )
-from migfd.stream.ram import PageBatch, RamBlock
-from migfd.stream.reader import (
+from migfd.stream.events import (
     NEED_DATA,
     CommandRecord,
     Configuration,
@@ -28,9 +27,11 @@ from migfd.stream.reader import (
     SectionFull,
     SectionHeader,
     SectionOpaque,
-    StreamReader,
     VMDescription,
 )
+from migfd.stream.compiled import compile_vmsd
+from migfd.stream.ram import PageBatch, RamBlock
+from migfd.stream.reader import StreamReader
 from migfd.stream.vmstate import (
     Bool,
     Buffer,
@@ -62,5 +63,5 @@ __all__ = [
     "List", "MemorySink", "PageBatch", "RamBlock", "RamMemSize", "RamPage", "RamPageRun", "ReturnPathMessage",
     "SectionFooter", "SectionFull", "SectionHeader", "SectionOpaque", "SectionType", "StreamError",
     "StreamReader", "StreamWriter", "Struct", "Subsection", "UInt8", "UInt16", "UInt32",
-    "UInt64", "VArray", "VBuffer", "VMDescription", "VMStateDescription", "vmsd_from_vmdesc",
+    "UInt64", "VArray", "VBuffer", "VMDescription", "VMStateDescription", "compile_vmsd", "vmsd_from_vmdesc",
 ]

@@ -20,14 +20,13 @@ from migfd.stream.constants import (
     SectionType,
     command_name,
 )
-from migfd.stream.reader import (
+from migfd.stream.events import (
     NEED_DATA,
     CommandRecord,
     Configuration,
     EndOfState,
     Event,
     Header,
-    Lookup,
     RamMemSize,
     RamPage,
     RamPageRun,
@@ -35,9 +34,9 @@ from migfd.stream.reader import (
     SectionFull,
     SectionHeader,
     SectionOpaque,
-    StreamReader,
     VMDescription,
 )
+from migfd.stream.reader import Lookup, StreamReader
 from migfd.stream.vmstate import VMStateDescription
 from migfd.stream.writer import (
     CAPABILITIES_SUBSECTION,

@@ -74,9 +74,10 @@ class SectionIds:
 
     def note(self, kind: SectionType, section_id: int) -> None:
         """A START, PART, END or FULL of ``section_id`` has been read."""
-        if kind in (SectionType.START, SectionType.FULL):
+        if kind == _FULL:  # the most frequent, on every device section (a plain int: see above)
             self.used.add(section_id)
-        if kind is SectionType.START:
+        elif kind is SectionType.START:
+            self.used.add(section_id)
             self.open.add(section_id)
         elif kind is SectionType.END:
             self.open.discard(section_id)

@@ -16,7 +16,7 @@ from typing import Any
 from migfd.errors import MigrationError, StreamError
 from migfd.stream.annotate import AnnotatedEvent, walk
 from migfd.stream.constants import QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, SectionType, command_name
-from migfd.stream.reader import (
+from migfd.stream.events import (
     CommandRecord,
     Configuration,
     RamMemSize,
@@ -25,9 +25,9 @@ from migfd.stream.reader import (
     SectionFooter,
     SectionFull,
     SectionOpaque,
-    StreamReader,
     VMDescription,
 )
+from migfd.stream.reader import StreamReader
 from migfd.stream.vmdesc import find_vmdesc, lookup_from_vmdesc
 from migfd.units import MiB
 

@@ -88,7 +88,7 @@ EOS = struct.pack(">Q", RAM_SAVE_FLAG_EOS)
 #: Records of a run of pages: PAGE|CONTINUE (8 + 4096 bytes) or ZERO|CONTINUE (8 + 1).
 _RUN_FLAGS = {RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE: 8 + TARGET_PAGE_SIZE,
               RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE: 9}
-#: Most records one run event carries (16 MiB of pages): bounds the copy it makes.
+#: Most records one run event carries (16 MiB of pages).
 MAX_RUN = 4096
 
 
@@ -98,7 +98,9 @@ class PageBatch:
 
     The same records as k single pages, built with numpy so that a state
     copy moves RAM at memory speed rather than one Python call per page.
-    ``nonzero`` may carry the caller's per-page "not all zero" mask.
+    ``rows`` may be a view of guest RAM: the records point into it and are
+    sent from it, never copied. ``nonzero`` may carry the caller's per-page
+    "not all zero" mask.
     """
 
     block_id: str
@@ -107,32 +109,59 @@ class PageBatch:
     nonzero: np.ndarray | None = None
 
 
-def _run_records(offsets: np.ndarray, rows: np.ndarray | None, flags: int) -> np.ndarray:
-    """CONTINUE records for ``offsets`` as one (k, size) uint8 array."""
+def nonzero_pages(rows: np.ndarray) -> np.ndarray:
+    """Which rows of a (k, PAGE) uint8 array hold a byte that is not zero.
+
+    A page whose first 8 bytes are not all zero is decided by them (as
+    QEMU's buffer_is_zero looks at a few words first); only the others are
+    read whole. A state copy so reads the pages once, when it sends them.
+    """
+    words = rows.view(np.uint64) if rows.flags.c_contiguous else np.ascontiguousarray(rows).view(np.uint64)
+    nonzero = words[:, 0] != 0
+    unsure = np.flatnonzero(~nonzero)
+    if len(unsure):
+        nonzero[unsure] = words[unsure].any(axis=1)
+    return nonzero
+
+
+def _run_heads(offsets: np.ndarray, flags: int) -> np.ndarray:
+    """The be64 words of CONTINUE records for ``offsets``, as one uint8 array of 8 bytes each."""
+    return (offsets.astype(np.uint64) | np.uint64(flags)).astype(">u8").view(np.uint8)
+
+
+def _zero_run(offsets: np.ndarray) -> memoryview:
+    """ZERO|CONTINUE records, each followed by its fill byte 0: one buffer."""
+    out = np.zeros((len(offsets), _RUN_FLAGS[RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE]), dtype=np.uint8)
+    out[:, :8] = _run_heads(offsets, RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE).reshape(-1, 8)
+    return memoryview(out).cast("B")
+
+
+def _page_run(offsets: np.ndarray, rows: np.ndarray) -> list[memoryview]:
+    """PAGE|CONTINUE records: each header, then a view of its page (nothing copied)."""
     k = len(offsets)
-    size = _RUN_FLAGS[flags]
-    out = np.empty((k, size), dtype=np.uint8)
-    head = (offsets.astype(np.uint64) | np.uint64(flags)).astype(">u8")
-    out[:, :8] = head.view(np.uint8).reshape(k, 8)
-    if rows is not None:
-        out[:, 8:] = rows
-    else:
-        out[:, 8] = 0  # the fill byte of a zero page
+    heads = memoryview(_run_heads(offsets, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE))
+    pages = memoryview(np.ascontiguousarray(rows)).cast("B")
+    out: list[memoryview] = [heads] * (2 * k)
+    out[0::2] = [heads[i:i + 8] for i in range(0, 8 * k, 8)]
+    out[1::2] = [pages[i:i + TARGET_PAGE_SIZE] for i in range(0, TARGET_PAGE_SIZE * k, TARGET_PAGE_SIZE)]
     return out
 
 
 def encode_batch(batch: PageBatch, continue_first: bool) -> list:
-    """The records of ``batch`` as byte-like chunks, in page order.
+    """The records of ``batch`` as a list of 1-D byte buffers, in page order, for
+    one gathering write (sendmsg with many buffers).
 
-    The first record names the block unless ``continue_first``; every other
-    one says CONTINUE. Zero pages become ZERO records with fill byte 0.
+    A normal page is two buffers: its 8-byte header and a view of the page
+    in ``batch.rows`` (no copy). A run of zero pages is one buffer. The
+    first record names the block unless ``continue_first``; every other one
+    says CONTINUE. Zero pages become ZERO records with fill byte 0.
     """
     k = len(batch.offsets)
     if k == 0:
         return []
     if np.any(batch.offsets % TARGET_PAGE_SIZE):
         raise ValueError("page offsets must be page aligned")
-    nonzero = batch.nonzero if batch.nonzero is not None else batch.rows.any(axis=1)
+    nonzero = batch.nonzero if batch.nonzero is not None else nonzero_pages(batch.rows)
     chunks: list = []
     start = 0
     if not continue_first:
@@ -145,17 +174,19 @@ def encode_batch(batch: PageBatch, continue_first: bool) -> list:
         if a == b:
             continue
         if nonzero[a]:
-            chunks.append(_run_records(batch.offsets[a:b], batch.rows[a:b],
-                                       RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE))
+            chunks += _page_run(batch.offsets[a:b], batch.rows[a:b])
         else:
-            chunks.append(_run_records(batch.offsets[a:b], None,
-                                       RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE))
+            chunks.append(_zero_run(batch.offsets[a:b]))
     return chunks
 
 
 @dataclass(frozen=True)
 class PageRun:
-    """A run of CONTINUE records read in one go; ``data`` None for zero pages."""
+    """A run of CONTINUE records read in one go; ``data`` None for zero pages.
+
+    ``data`` is a (k, PAGE) view of the bytes decoded (rows 8 bytes apart),
+    not a copy: whoever stores the pages makes the one copy.
+    """
 
     block_id: str
     offsets: np.ndarray
@@ -192,9 +223,10 @@ def decode_run(cur: Cursor, last_block: str | None, blocks: dict[str, int]) -> P
         k = n if good.all() else int(np.argmin(good))
         if k < 2:
             return None
-        pages = records[:k, 8:].copy() if size != 9 else None
+        pages = records[:k, 8:] if size != 9 else None
     finally:
-        del records  # no export of the reader's buffer may outlive this call
+        # Only the pages' view may outlive this call (the reader allows for it).
+        del records
     cur.pos = pos + k * size
     return PageRun(last_block, offsets[:k].astype(np.uint64), pages)
 

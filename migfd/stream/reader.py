@@ -29,7 +29,8 @@ import json
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from itertools import islice
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 from migfd.errors import StreamError
 from migfd.fds import close_fds
@@ -51,168 +52,54 @@ from migfd.stream.constants import (
     Command,
     SectionType,
 )
-from migfd.stream.vmstate import Cursor, NeedData, VMStateDescription, load_vmstate
+from migfd.stream.events import (
+    NEED_DATA,
+    CommandRecord,
+    Configuration,
+    EndOfState,
+    Event,
+    Header,
+    RamMemSize,
+    RamPage,
+    RamPageRun,
+    SectionFooter,
+    SectionFull,
+    SectionHeader,
+    SectionOpaque,
+    VMDescription,
+    _NeedData,
+)
+from migfd.stream.compiled import load_compiled
+from migfd.stream.vmstate import Cursor, NeedData, VMStateDescription
 from migfd.stream.writer import CAPABILITIES_SUBSECTION, TARGET_PAGE_BITS_SUBSECTION
 
 MAX_RECORD_BYTES = 32 << 20
+#: the most get_buffer lends at once; zeros to extend the buffer with (pages of
+#: a bytes object never written to share the kernel's zero page: cheap to read)
+_ZEROS = memoryview(bytes(4 << 20))
 MAX_VMDESC_BYTES = 16 << 20
 MAX_QUEUED_FDS = 1024
 MAX_CAPABILITIES = 64
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
+_ID_AND_LENGTH = struct.Struct(">IB")  # section id, length of the name
+_INSTANCE_AND_VERSION = struct.Struct(">II")
+_FOOTER = struct.Struct(">BI")
+_SECTION_FOOTER = int(SectionType.SECTION_FOOTER)
 
 
-#: Returned by :meth:`StreamReader.next_event` when more bytes are needed.
-NEED_DATA = _NeedData()
-
-
-# -- events ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    """The stream header: magic and version, both checked."""
-
-    version: int
-    offset: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Configuration:
-    """The configuration section: machine type and validated capabilities."""
-
-    machine: str
-    capabilities: tuple[str, ...]
-    target_page_bits: int | None
-    offset: int
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class SectionHeader:
-    """START, PART or END of an iterable section (RAM); content events follow."""
-
-    type: SectionType
-    section_id: int
-    name: str
-    instance_id: int
-    version_id: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class SectionFooter:
-    """The footer closing a START/PART/END; ``size`` covers the whole section."""
-
-    type: SectionType
-    section_id: int
-    name: str
-    offset: int
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class SectionFull:
-    """A whole device section with its loaded vmstate (fds in it are now yours)."""
-
-    section_id: int
-    name: str
-    instance_id: int
-    version_id: int
-    vmsd_name: str
-    state: dict
-    offset: int
-    size: int
-    fds: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class SectionOpaque:
-    """A whole section the reader has no description for, delimited by its footer, not decoded.
-
-    Only with ``unknown_sections="delimit"``: a FULL section without a vmsd,
-    or a START/PART/END of an iterable section other than RAM version 4.
-    ``size`` covers header, payload and footer.
-    """
-
-    type: SectionType
-    section_id: int
-    name: str
-    instance_id: int
-    version_id: int
-    offset: int
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class RamMemSize:
-    """The RAM block list of the RAM START."""
-
-    blocks: tuple[ram.RamBlock, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RamPage:
-    """One page record; ``data`` is None for a zero page (filled with ``fill``)."""
-
-    block_id: str
-    offset: int
-    data: bytes | None
-    fill: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RamPageRun:
-    """Consecutive CONTINUE page records of one block, read at once (``ram_runs=True``).
-
-    ``offsets`` are byte offsets (numpy uint64); ``data`` is a (k, 4096) uint8
-    array, or None for a run of zero pages.
-    """
-
-    block_id: str
-    offsets: Any
-    data: Any
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-
-@dataclass(frozen=True, slots=True)
-class CommandRecord:
-    """A COMMAND record; ``value`` is the PING value where there is one."""
-
-    command: int
-    data: bytes
-    offset: int
-
-    @property
-    def value(self) -> int | None:
-        if self.command == Command.PING:
-            return struct.unpack(">I", self.data)[0]
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class EndOfState:
-    """QEMU_VM_EOF: all device state has been sent."""
-
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class VMDescription:
-    """The JSON device description that follows EOF."""
-
-    description: dict
-    offset: int
-    size: int
-
-
-Event = (Header | Configuration | SectionHeader | SectionFooter | SectionFull | SectionOpaque
-         | RamMemSize | RamPage | RamPageRun | CommandRecord | EndOfState | VMDescription)
+def _start_header(cur: Cursor) -> tuple[int, str, int, int]:
+    """Section id, name, instance id and version id of a START/FULL, after its type byte."""
+    data, pos = cur.data, cur.pos
+    if pos + 5 <= len(data):  # all of it at once when it is all there
+        section_id, length = _ID_AND_LENGTH.unpack_from(data, pos)
+        end = pos + 5 + length
+        if end + 8 <= len(data):
+            raw = data[pos + 5:end].tobytes()
+            if raw.isascii():
+                cur.pos = end + 8
+                return (section_id, raw.decode("ascii"), *_INSTANCE_AND_VERSION.unpack_from(data, end))
+    return cur.be32(), cur.idstr("section name"), cur.be32(), cur.be32()
 
 
 class _State(enum.Enum):
@@ -223,6 +110,12 @@ class _State(enum.Enum):
     FOOTER = "footer"  #: expecting the footer of the open section
     AFTER_EOF = "after-eof"  #: expecting the vmdesc, or the end
     DONE = "done"  #: nothing more may come
+
+
+# Reading a member off an Enum class costs ~0.2 µs in Python 3.11, and the
+# parser tests these on every device section: module constants instead.
+_TOP = _State.TOP
+_CONFIGURATION, _START, _FULL = SectionType.CONFIGURATION, SectionType.START, SectionType.FULL
 
 
 Lookup = Callable[[str, int, int], VMStateDescription | None]
@@ -273,6 +166,7 @@ class StreamReader:
         self.max_record_bytes = max_record_bytes
         self.max_queued_fds = max_queued_fds
         self._buf = bytearray()
+        self._lent: memoryview | None = None  # the free tail get_buffer lent
         self._pos = 0  # first unconsumed byte of _buf
         self._base = 0  # stream offset of _buf[0]
         self._fds: deque[int] = deque()
@@ -315,11 +209,61 @@ class StreamReader:
         if data:
             if self._eof:
                 raise self._fail(StreamError("data after end of stream", self.offset))
-            if self._pos and self._pos * 2 >= len(self._buf):
-                del self._buf[:self._pos]
+            self._append(data)
+
+    def _append(self, data) -> None:
+        """Put ``data`` after the unparsed bytes, dropping the parsed ones once they are half the buffer."""
+        if self._lent is not None:
+            raise RuntimeError("the reader's buffer is lent: buffer_updated first")
+        buf = self._buf
+        try:
+            if self._pos and self._pos * 2 >= len(buf):
+                del buf[:self._pos]
                 self._base += self._pos
                 self._pos = 0
+            buf += data
+        except BufferError:
+            # A consumer still holds a view of this buffer (the pages of a
+            # RamPageRun), so it cannot change size: the unparsed bytes move to
+            # a new one, and the view keeps the old one as it was.
+            self._buf = buf[self._pos:]
+            self._base += self._pos
+            self._pos = 0
             self._buf += data
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """A writable view of ``sizehint`` free bytes after the unparsed ones, to read into.
+
+        As asyncio's BufferedProtocol.get_buffer: the caller's I/O writes into
+        it directly (no copy into the reader), then :meth:`buffer_updated`
+        says how much arrived and gives the view back. Nothing else may be
+        called on the reader in between.
+        """
+        if self._lent is not None:
+            raise RuntimeError("the reader's buffer is lent already")
+        if self._eof:
+            raise self._fail(StreamError("data after end of stream", self.offset))
+        size = max(1, min(sizehint, len(_ZEROS)))
+        start = len(self._buf) - self._pos
+        self._append(_ZEROS[:size])
+        start += self._pos
+        base = memoryview(self._buf)
+        self._lent = base[start:]
+        base.release()
+        return self._lent
+
+    def buffer_updated(self, nbytes: int, fds: Sequence[int] = ()) -> None:
+        """``nbytes`` arrived in the view :meth:`get_buffer` lent, with ``fds``; the view goes back."""
+        lent = self._lent
+        if lent is None:
+            raise RuntimeError("no buffer is lent")
+        if not 0 <= nbytes <= len(lent):
+            raise ValueError(f"{nbytes} bytes do not fit the {len(lent)} lent")
+        self._lent = None
+        end = len(self._buf) - len(lent) + nbytes
+        lent.release()
+        del self._buf[end:]
+        self.receive_data(b"", fds)
 
     def receive_eof(self) -> None:
         """The peer closed the stream; what remains must parse into events."""
@@ -343,6 +287,8 @@ class StreamReader:
     def next_event(self) -> Event | _NeedData:
         if self._failed is not None:
             raise self._failed
+        if self._lent is not None:
+            raise RuntimeError("the reader's buffer is lent: buffer_updated first")
         if self._state is _State.DONE:
             if self._pos < len(self._buf):
                 raise self._fail(StreamError("trailing bytes after the end of the stream", self.offset))
@@ -369,8 +315,9 @@ class StreamReader:
         except (ValueError, RecursionError) as exc:  # e.g. vmdesc-derived descriptions
             raise self._fail(StreamError(str(exc), cur.offset)) from None
         finally:
-            # No view of the buffer may outlive the attempt (a traceback kept
-            # with a stored error would otherwise pin it and block resizing).
+            # No view of the buffer may outlive the attempt but the pages of a
+            # RamPageRun (a traceback kept with a stored error would otherwise
+            # pin it; _append copes with the pages).
             view.release()
             base.release()
         self._pos += cur.pos
@@ -393,6 +340,8 @@ class StreamReader:
 
     def _parse(self, cur: Cursor) -> Event:
         state = self._state
+        if state is _TOP:  # most records
+            return self._parse_top(cur)
         if state is _State.HEADER:
             return self._parse_header(cur)
         if state is _State.RAM_START:
@@ -430,14 +379,11 @@ class StreamReader:
     def _parse_top(self, cur: Cursor) -> Event:
         at = cur.offset
         kind = cur.u8()
-        if kind == SectionType.CONFIGURATION:
+        if kind == _CONFIGURATION:
             return self._parse_configuration(cur, at)
-        if kind in (SectionType.START, SectionType.FULL):
-            section_id = cur.be32()
-            name = cur.idstr("section name")
-            instance_id = cur.be32()
-            version_id = cur.be32()
-            if kind == SectionType.FULL:
+        if kind == _FULL or kind == _START:
+            section_id, name, instance_id, version_id = _start_header(cur)
+            if kind == _FULL:
                 vmsd = self._lookup(name, instance_id, version_id)
                 if vmsd is None and self.unknown_sections == "delimit":
                     return self._parse_opaque(cur, at, SectionType.FULL, section_id, name,
@@ -520,14 +466,18 @@ class StreamReader:
                     name: str, instance_id: int, version_id: int) -> SectionFull:
         if vmsd is None:
             raise cur.error(f"unknown section '{name}' (instance {instance_id})", at)
-        state = load_vmstate(cur, vmsd, version_id)
+        state = load_compiled(cur, vmsd, version_id)
         self._footer(cur, section_id)
-        self._ids.note(SectionType.FULL, section_id)
-        fds = tuple(cur.fds[i] for i in range(cur.fds_taken))
+        self._ids.note(_FULL, section_id)
+        fds = tuple(islice(cur.fds, cur.fds_taken)) if cur.fds_taken else ()
         return SectionFull(section_id, name, instance_id, version_id, vmsd.name, state,
                            at, cur.offset - at, fds)
 
     def _footer(self, cur: Cursor, section_id: int) -> None:
+        data, pos = cur.data, cur.pos
+        if pos + 5 <= len(data) and _FOOTER.unpack_from(data, pos) == (_SECTION_FOOTER, section_id):
+            cur.pos = pos + 5
+            return
         at = cur.offset
         kind = cur.u8()
         if kind != SectionType.SECTION_FOOTER:

@@ -23,6 +23,8 @@ from migfd.stream.constants import FD_SERVICE_BYTE, SectionType
 MAX_VBUFFER_BYTES = 16 << 20
 MAX_LIST_ELEMENTS = 1 << 16
 
+_BE16, _BE32, _BE64 = struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
+
 
 class Sink(Protocol):
     """Where encoded bytes and fds go: a QEMUFile, or memory in tests."""
@@ -45,6 +47,8 @@ class Cursor:
     half-way gives nothing away.
     """
 
+    __slots__ = ("data", "pos", "base", "fds", "fds_taken", "limit")
+
     def __init__(self, data: bytes | bytearray | memoryview, base: int = 0,
                  fds: Sequence[int] = (), limit: int | None = None):
         # Use a given view as it is: the reader releases it after each attempt.
@@ -62,14 +66,18 @@ class Cursor:
     def error(self, message: str, at: int | None = None) -> StreamError:
         return StreamError(message, self.offset if at is None else at)
 
+    def short(self, n: int) -> Exception:
+        """Why ``n`` more bytes cannot be read now: over the limit, or not here yet."""
+        if self.limit is not None and self.pos + n > self.limit:
+            return self.error(f"record of {n} bytes is larger than the limit of {self.limit}")
+        return NeedData()
+
     def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            if self.limit is not None and self.pos + n > self.limit:
-                raise self.error(f"record of {n} bytes is larger than the limit of {self.limit}")
-            raise NeedData
-        out = bytes(self.data[self.pos:self.pos + n])
-        self.pos += n
-        return out
+        pos = self.pos
+        if pos + n > len(self.data):
+            raise self.short(n)
+        self.pos = pos + n
+        return bytes(self.data[pos:pos + n])
 
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes without copying them (they were looked at already)."""
@@ -95,17 +103,30 @@ class Cursor:
             raise NeedData
         return self.data[self.pos]
 
+    # The integers are read in place (unpack_from), with take's checks.
+
     def u8(self) -> int:
-        return self.take(1)[0]
+        pos = self.pos
+        if pos >= len(self.data):
+            raise self.short(1)
+        self.pos = pos + 1
+        return self.data[pos]
+
+    def _unpack(self, layout: struct.Struct) -> int:
+        pos, size = self.pos, layout.size
+        if pos + size > len(self.data):
+            raise self.short(size)
+        self.pos = pos + size
+        return layout.unpack_from(self.data, pos)[0]
 
     def be16(self) -> int:
-        return struct.unpack(">H", self.take(2))[0]
+        return self._unpack(_BE16)
 
     def be32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
+        return self._unpack(_BE32)
 
     def be64(self) -> int:
-        return struct.unpack(">Q", self.take(8))[0]
+        return self._unpack(_BE64)
 
     def idstr(self, what: str) -> str:
         """u8 length + ASCII name, as QEMU writes section and block ids."""
@@ -414,6 +435,8 @@ class VMStateDescription:
     minimum_version_id: int = 0
     fields: tuple[Field, ...] = ()
     subsections: tuple[Subsection, ...] = field(default=())
+    #: its compiled encoder and decoders (:mod:`migfd.stream.compiled`), built on first use
+    _compiled: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 def _fields_for(vmsd: VMStateDescription, version_id: int) -> list[Field]:
@@ -421,26 +444,44 @@ def _fields_for(vmsd: VMStateDescription, version_id: int) -> list[Field]:
 
 
 def save_vmstate(sink: Sink, vmsd: VMStateDescription, state: dict) -> int:
-    """Write ``state`` as ``vmsd`` at its current version; returns bytes written."""
+    """Write ``state`` as ``vmsd`` at its current version; returns bytes written.
+
+    Field by field: this is the definition the compiled encoder
+    (:mod:`migfd.stream.compiled`) is held to.
+    """
     size = 0
     for f in vmsd.fields:
         size += f.save(sink, state[f.name])
     for sub in vmsd.subsections:
         if not sub.needed(state):
             continue
-        name = sub.vmsd.name.encode("ascii")
-        sink.put_buffer(bytes([SectionType.SUBSECTION, len(name)]) + name
-                        + struct.pack(">I", sub.vmsd.version_id))
-        size += 2 + len(name) + 4 + save_vmstate(sink, sub.vmsd, state)
+        head = subsection_header(sub.vmsd)
+        sink.put_buffer(head)
+        size += len(head) + save_vmstate(sink, sub.vmsd, state)
     return size
 
 
-def load_vmstate(cur: Cursor, vmsd: VMStateDescription, version_id: int) -> dict:
-    """Read one vmstate written at ``version_id``; QEMU's vmstate_load_state."""
+def subsection_header(vmsd: VMStateDescription) -> bytes:
+    """The bytes before a subsection's fields: 0x05, its name, its version."""
+    name = vmsd.name.encode("ascii")
+    return bytes([SectionType.SUBSECTION, len(name)]) + name + struct.pack(">I", vmsd.version_id)
+
+
+def check_version(cur: Cursor, vmsd: VMStateDescription, version_id: int) -> None:
+    """Refuse a version ``vmsd`` cannot load, as QEMU's vmstate_load_state."""
     if version_id > vmsd.version_id:
         raise cur.error(f"{vmsd.name}: version {version_id} is newer than the supported {vmsd.version_id}")
     if version_id < vmsd.minimum_version_id:
         raise cur.error(f"{vmsd.name}: version {version_id} is older than the minimum {vmsd.minimum_version_id}")
+
+
+def load_vmstate(cur: Cursor, vmsd: VMStateDescription, version_id: int) -> dict:
+    """Read one vmstate written at ``version_id``; QEMU's vmstate_load_state.
+
+    Field by field: this is the definition the compiled decoder
+    (:mod:`migfd.stream.compiled`) is held to.
+    """
+    check_version(cur, vmsd, version_id)
     state: dict = {}
     for f in _fields_for(vmsd, version_id):
         state[f.name] = f.load(cur)
@@ -448,32 +489,46 @@ def load_vmstate(cur: Cursor, vmsd: VMStateDescription, version_id: int) -> dict
     return state
 
 
+def subsection_name(cur: Cursor, vmsd: VMStateDescription) -> str | None:
+    """The name of a subsection of ``vmsd`` that starts here (consumed), or None (nothing consumed).
+
+    As QEMU's vmstate_subsection_load: peek; a subsection starts with 0x05 and
+    a name that begins with the parent's name. Anything else belongs to
+    whatever follows (the section footer, the next list element, ...).
+    """
+    if cur.peek_u8() != SectionType.SUBSECTION:
+        return None
+    save = cur.pos
+    cur.u8()
+    prefix = vmsd.name.encode() + b"/"
+    # As QEMU: a name too short to be "parent/x", or one that does not start
+    # with "parent/", is not ours (a buffer of a nested struct may start with
+    # 0x05). Decide on the first byte that differs from the prefix: the bytes
+    # after it may lie beyond this section, and deciding must not wait for them.
+    length = cur.u8()
+    if length < len(prefix) or not cur.starts_with(prefix):
+        cur.pos = save
+        return None
+    return cur.take(length).decode("ascii", errors="replace")
+
+
+def next_subsection(cur: Cursor, vmsd: VMStateDescription,
+                    by_name: dict[str, VMStateDescription]) -> tuple[VMStateDescription, int] | None:
+    """The subsection of ``vmsd`` that starts here and its version (header consumed), or None."""
+    at = cur.offset
+    name = subsection_name(cur, vmsd)
+    if name is None:
+        return None
+    sub = by_name.get(name)
+    if sub is None:
+        raise cur.error(f"unknown subsection '{name}' of {vmsd.name}", at)
+    return sub, cur.be32()
+
+
 def _load_subsections(cur: Cursor, vmsd: VMStateDescription, state: dict) -> None:
-    # As QEMU's vmstate_subsection_load: peek; a subsection starts with 0x05
-    # and a name that begins with the parent's name. Anything else belongs to
-    # whatever follows (the section footer, the next list element, ...).
     by_name = {sub.vmsd.name: sub.vmsd for sub in vmsd.subsections}
-    while True:
-        if cur.peek_u8() != SectionType.SUBSECTION:
-            return
-        save = cur.pos
-        at = cur.offset
-        cur.u8()
-        prefix = vmsd.name.encode() + b"/"
-        # As QEMU: a name too short to be "parent/x", or one that does not start
-        # with "parent/", is not ours (a buffer of a nested struct may start with
-        # 0x05). Decide on the first byte that differs from the prefix: the bytes
-        # after it may lie beyond this section, and deciding must not wait for them.
-        length = cur.u8()
-        if length < len(prefix) or not cur.starts_with(prefix):
-            cur.pos = save
-            return
-        name = cur.take(length).decode("ascii", errors="replace")
-        sub = by_name.get(name)
-        if sub is None:
-            raise cur.error(f"unknown subsection '{name}' of {vmsd.name}", at)
-        version_id = cur.be32()
-        state.update(load_vmstate(cur, sub, version_id))
+    while (found := next_subsection(cur, vmsd, by_name)) is not None:
+        state.update(load_vmstate(cur, *found))
 
 
 def vmdesc_entry(vmsd: VMStateDescription, state: dict) -> dict:

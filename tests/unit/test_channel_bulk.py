@@ -1,0 +1,244 @@
+"""The bulk paths of a state copy through real socketpairs: QEMUFile.put_buffers
+gathers many buffers into few sendmsg calls and survives partial sends; the
+destination reads straight into a buffer the StreamReader lends."""
+
+from __future__ import annotations
+
+import array
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_channel import Background, channel_pair, no_fd_leak  # noqa: F401 (a fixture)
+
+from migfd.channel import IOV_MAX, QEMUFile
+from migfd.stream import PageBatch, RamBlock, RamPage, RamPageRun, StreamReader, StreamWriter
+
+PAGE = 4096
+
+
+class RecordingSocket:
+    """A real socket whose sendmsg calls are recorded: (bytes offered, bytes sent).
+
+    With ``cap``, each call offers the kernel at most ``cap`` bytes of what it
+    was given, as a kernel that takes only part of a write would.
+    """
+
+    def __init__(self, sock: socket.socket, cap: int | None = None):
+        self._sock = sock
+        self.cap = cap
+        self.calls: list[tuple[int, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def sendmsg(self, buffers, *args):
+        offered = sum(map(len, buffers))
+        if self.cap is not None:
+            kept, room = [], self.cap
+            for buf in buffers:
+                if room <= 0:
+                    break
+                kept.append(memoryview(buf)[:room])
+                room -= len(buf)
+            buffers = kept
+        sent = self._sock.sendmsg(buffers, *args)
+        self.calls.append((offered, sent))
+        return sent
+
+
+def read_all(sock: socket.socket, into: bytearray, pause_s: float = 0.0, chunk: int = 1 << 16) -> None:
+    while True:
+        data = sock.recv(chunk)
+        if not data:
+            return
+        into += data
+        if pause_s:
+            time.sleep(pause_s)
+
+
+def some_buffers(n: int, seed: int, page: int = PAGE) -> list:
+    """Byte buffers of every kind the writer hands over: bytes, views, numpy rows, empty ones."""
+    rng = np.random.default_rng(seed)
+    ram = rng.integers(0, 256, size=(n, page), dtype=np.uint8)
+    heads = memoryview(rng.integers(0, 256, size=8 * n, dtype=np.uint8))
+    out: list = []
+    for i in range(n):
+        out.append(heads[8 * i:8 * i + 8])
+        out.append(memoryview(ram[i]).cast("B") if i % 5 else ram[i].tobytes()[: (i * 37) % page])
+        if i % 97 == 0:
+            out.append(b"")
+    return out
+
+
+@pytest.mark.parametrize("cap, page", [(1, 16), (7, 64), (4095, PAGE), (4104 * 3 + 7, PAGE), (1 << 30, PAGE)])
+def test_put_buffers_goes_on_after_partial_sends(no_fd_leak, cap, page):
+    """Whatever part of a call the kernel takes, every byte arrives once, in order."""
+    a, b = socket.socketpair()
+    sock = RecordingSocket(a, cap)
+    src = QEMUFile(name="src", sock=sock)  # type: ignore[arg-type]
+    got = bytearray()
+    reader = threading.Thread(target=read_all, args=(b, got), daemon=True)
+    reader.start()
+    buffers = some_buffers(IOV_MAX // 2 + 300, seed=cap, page=page)  # more buffers than one call takes
+    try:
+        src.put_buffer(b"head")  # buffered bytes leave first
+        src.put_buffers(buffers)
+        src.put_buffer(b"tail")
+        src.flush()
+    finally:
+        src.close()
+    reader.join()
+    b.close()
+    assert bytes(got) == b"head" + b"".join(bytes(x) for x in buffers) + b"tail"
+    assert any(sent < offered for offered, sent in sock.calls) == (cap < 1 << 30)
+    assert src.bytes_sent == len(got)
+
+
+def test_put_buffers_to_a_peer_that_reads_slowly(no_fd_leak):
+    """A small kernel buffer, a slow reader and signals: sendmsg returns after part of
+    the data (an interrupted send), and the channel sends the rest."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+    sock = RecordingSocket(a)
+    src = QEMUFile(name="src", sock=sock)  # type: ignore[arg-type]
+    got = bytearray()
+    reader = threading.Thread(target=read_all, args=(b, got, 0.001, 8 << 10), daemon=True)
+    reader.start()
+    buffers = some_buffers(3 * IOV_MAX, seed=1)
+    previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+    try:
+        src.put_buffers(buffers)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        src.close()
+    reader.join()
+    b.close()
+    assert bytes(got) == b"".join(bytes(x) for x in buffers)
+    assert any(sent < offered for offered, sent in sock.calls)  # the path under test was taken
+
+
+def test_buffered_fds_leave_before_the_gathered_buffers(no_fd_leak):
+    """An fd waiting in the buffer keeps its own sendmsg, ahead of the gathered
+    buffers; plain buffered bytes join them in one call."""
+    a, b = socket.socketpair()
+    sock = RecordingSocket(a)
+    src = QEMUFile(name="src", sock=sock)  # type: ignore[arg-type]
+    fd = os.memfd_create("ram")
+    received: list[int] = []
+    try:
+        src.put_buffer(b"a")
+        src.put_fd(fd)
+        src.put_buffers([b"bc", memoryview(b"de")])
+        src.put_buffer(b"f")
+        src.put_buffers([b"gh"])
+        assert sock.calls == [(2, 2), (4, 4), (3, 3)]
+        b.setblocking(False)
+        data, anc, _, _ = b.recvmsg(64, socket.CMSG_SPACE(4))
+        received = [fd for _, _, payload in anc for fd in array.array("i", payload)]
+        assert data == b"a " and len(received) == 1  # a message with fds ends a read
+        assert b.recv(64) == b"bcdefgh"
+    finally:
+        src.close()
+        b.close()
+        os.close(fd)
+        for got in received:
+            os.close(got)
+
+
+def test_read_into_hands_over_what_the_channel_holds_first(no_fd_leak):
+    """Bytes a get_* read buffered come before anything new from the kernel."""
+    src, dst = channel_pair()
+    dst.settimeout(10)  # a channel that forgot what it holds would wait for it
+    try:
+        src.put_buffer(b"\x00\x00\x00\x07" + b"rest")
+        src.flush()
+        assert dst.get_be32() == 7
+        src.put_buffer(b"-more")
+        src.flush()
+        out = bytearray()
+        room = memoryview(bytearray(64))
+        while len(out) < len(b"rest-more"):
+            got = dst.read_into(room)
+            assert got is not None
+            nbytes, fds = got
+            assert fds == []
+            out += room[:nbytes]
+        assert bytes(out) == b"rest-more"
+        src.close()
+        assert dst.read_into(room) == (0, [])
+    finally:
+        src.close()
+        dst.close()
+
+
+# -- the destination: reading into the reader's buffer ------------------------
+
+
+def guest_ram(pages: int, seed: int) -> np.ndarray:
+    """RAM with runs of zero pages and runs of stamped ones."""
+    rng = np.random.default_rng(seed)
+    ram = rng.integers(0, 256, size=(pages, PAGE), dtype=np.uint8)
+    ram[rng.random(pages) < 0.3] = 0
+    ram[:, :8] = np.arange(pages, dtype=">u8").view(np.uint8).reshape(pages, 8)
+    ram[ram[:, 8:].any(axis=1) == 0] = 0  # a page zero but for its index is zero
+    return ram
+
+
+def send_ram(f: QEMUFile, ram: np.ndarray, batch: int) -> None:
+    w = StreamWriter(f)
+    w.write_header()
+    w.write_ram_start([RamBlock("ram0", ram.nbytes)])
+    index = np.arange(len(ram))
+    batches = [PageBatch("ram0", index[i:i + batch].astype(np.uint64) * PAGE, ram[i:i + batch])
+               for i in range(0, len(ram), batch)]
+    w.write_ram_part(batches[:2])
+    w.write_ram_part(batches[2:], end=True)
+    w.write_eof()
+    f.flush()
+    f.close()
+
+
+@pytest.mark.parametrize("pages, lend", [(20, 13), (700, 4103), (700, 3 * 4104 + 5), (700, 65537),
+                                         (700, 1 << 20)])
+def test_pages_round_trip_through_lent_buffers(no_fd_leak, pages, lend):
+    """Pages sent by put_buffers from a RAM array, read with read_into into the
+    reader's lent buffer at odd read sizes, come out as the same RAM; runs whose
+    pages are held across reads keep their bytes."""
+    ram = guest_ram(pages, seed=lend)
+    src, dst = channel_pair()
+    sender = Background(lambda: send_ram(src, ram, batch=min(96, pages // 3)))
+    reader = StreamReader(ram_runs=True)
+    copy = np.full_like(ram, 0xAA)
+    held: list[tuple[RamPageRun, np.ndarray]] = []
+    try:
+        while not reader.done:
+            buffer = reader.get_buffer(lend)
+            got = dst.read_into(buffer)
+            del buffer
+            assert got is not None
+            reader.buffer_updated(*got)
+            if got == (0, []):
+                reader.receive_eof()
+            for ev in reader.events():
+                if isinstance(ev, RamPageRun):
+                    index = (ev.offsets // PAGE).astype(np.intp)
+                    copy[index] = 0 if ev.data is None else ev.data
+                    if ev.data is not None and len(held) < 50:
+                        held.append((ev, ev.data.copy()))
+                elif isinstance(ev, RamPage):
+                    page = np.frombuffer(ev.data, dtype=np.uint8) if ev.data is not None else ev.fill
+                    copy[ev.offset // PAGE] = page
+        sender.result()
+    finally:
+        src.close()
+        dst.close()
+    assert np.array_equal(copy, ram)
+    assert all(np.array_equal(ev.data, was) for ev, was in held)
+    assert bool(held) == (lend > 2 * (8 + PAGE))  # runs need two records at once
