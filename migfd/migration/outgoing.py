@@ -8,6 +8,7 @@ releases its backends and never resumes.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -261,6 +262,9 @@ class OutgoingMigration(MigrationBase):
             # device description it does not need for that comes after.
             w.write_eof()
             f.flush()
+            # The destination this wakes may have been queued on this CPU; let
+            # it run (and resume the guest) before this thread builds the vmdesc.
+            os.sched_yield()
         with chain.phase("vmdesc"):
             w.write_vmdesc()
             f.flush()
