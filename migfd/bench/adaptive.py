@@ -32,7 +32,7 @@ from migfd.units import GiB
 TARGET_HALF_WIDTH = 0.10
 #: extra wall-clock seconds one scenario may spend beyond its planned trials (``make report``
 #: must stay under 15 minutes on 2 cores)
-EXTRA_BUDGET_S = 30.0
+EXTRA_BUDGET_S = 12.0
 
 
 def trial_cap(spec: TrialSpec, planned: int) -> int:

@@ -383,7 +383,7 @@ def _median(values: list[int]) -> int:
 
 
 #: the bytes moved over all repetitions of one throughput point, at least
-THROUGHPUT_BYTES_PER_POINT = 4 * GiB
+THROUGHPUT_BYTES_PER_POINT = 2 * GiB
 THROUGHPUT_REPS = (2, 16)
 
 

@@ -245,9 +245,10 @@ def ram_fill_supported() -> bool:
 def trials_for_size(size: int, ctx: BenchContext) -> int:
     """Trials per point of the RAM-size sweeps (ram-size, qemu-peer).
 
-    ``--trials`` wins; quick: 2. Default: 5, but 3 at 4 GiB and above: a 4 GiB
-    trial spends ~30 s filling, copying and verifying RAM, and the default run
-    has to stay well under 15 minutes on 2 cores (docs/RESULTS.md).
+    ``--trials`` wins; quick: 2. Default: 4, but 3 at 4 GiB and above: a 4 GiB
+    trial spends ~15 s filling, copying and verifying RAM, and the default run
+    has to stay under 15 minutes on 2 cores (docs/RESULTS.md); the adaptive
+    schedule adds trials where they are cheap.
     """
     if ctx.trials is not None:
         return ctx.trials
@@ -255,7 +256,7 @@ def trials_for_size(size: int, ctx: BenchContext) -> int:
         return 2
     if size >= 4 * GiB:
         return 3
-    return 5
+    return 4
 
 
 def traffic_plan(scenario: str, backend: str, ctx: BenchContext, rate: dict[str, Any]) -> Plan:

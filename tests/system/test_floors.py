@@ -108,7 +108,8 @@ def test_throughput_reps_favour_small_sizes_within_bounds():
     low, high = THROUGHPUT_REPS
     assert throughput_reps(64 * MiB) == high
     assert throughput_reps(4 * GiB) == low
-    assert throughput_reps(1 * GiB) == 4
+    assert throughput_reps(1 * GiB, budget=4 * GiB) == 4
+    assert throughput_reps(512 * MiB, budget=2 * GiB) == 4
     assert throughput_reps(1 * GiB, budget=1 * GiB) == low
 
 

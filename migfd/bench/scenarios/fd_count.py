@@ -57,7 +57,7 @@ class FdCount(TapScenario):
     def plan(self, ctx: BenchContext) -> Plan:
         self.backend = "tap" if tap_available() is None else "socket"
         counts = self.QUICK_COUNTS if ctx.quick else self.COUNTS
-        n = ctx.n_trials(5, 2)
+        n = ctx.n_trials(4, 2)
         modes = [{"mode": FD_PASSING, "variant": "batched"}, {"mode": STATE_COPY, "variant": ""},
                  {"mode": FD_PASSING, "variant": "unbatched"}]
         specs = [TrialSpec(self.name, item["mode"], item["trial"], variant=item["variant"],

@@ -71,7 +71,7 @@ class Floors(TapScenario):
                                       throughput_budget=1 * GiB, memcpy_bytes=64 * MiB)
         else:
             self.config = FloorConfig(throughput_sizes=sizes)
-        n = ctx.n_trials(5, 2)
+        n = ctx.n_trials(4, 2)
         specs = [TrialSpec(self.name, "floor", t) for t in range(n)]
         config = {k: v for k, v in self.config.__dict__.items() if k != "tap"}
         return Plan(specs, {"trials": n, "config": config,
