@@ -334,15 +334,13 @@ def validate_memfd(fd: int, size: int, device: str) -> None:
         raise MigrationError(f"memory backend '{device}': received fd is unusable: {exc.strerror}") from exc
     if not stat.S_ISREG(st.st_mode):
         raise MigrationError(f"memory backend '{device}': received fd is not a memfd (not a regular file)")
-    if _size_sealed(fd):
-        target = "/memfd:"
-    else:
+    if not _size_sealed(fd):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError as exc:
             raise MigrationError(f"memory backend '{device}': received fd is unusable: {exc.strerror}") from exc
-    if not target.startswith("/memfd:"):
-        raise MigrationError(f"memory backend '{device}': received fd is not a memfd ({target})")
+        if not target.startswith("/memfd:"):
+            raise MigrationError(f"memory backend '{device}': received fd is not a memfd ({target})")
     if st.st_size != size:
         raise MigrationError(f"memory backend '{device}': received memfd has {st.st_size} bytes, expected {size}")
 
