@@ -126,6 +126,9 @@ class VM:
     def _start_guest_threads(self) -> None:
         for dev in self.devices:
             dev.start_guest(self.ctl)
+        ram = [d for d in self.devices if isinstance(d, MemoryBackendMemfd)]
+        if ram:
+            ram[0].start_progress(self.ctl)  # the first backend is guest RAM from address 0
 
     def vm_stop(self, runstate: str = "paused") -> int:
         """Park every guest thread; returns CLOCK_MONOTONIC ns of the stop."""

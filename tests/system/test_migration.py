@@ -23,6 +23,7 @@ from conftest import (
 )
 from qemu.qmp import EventListener, ExecuteError
 
+from migfd.layout import first_data_page
 from migfd.peers.chardev import ChardevClient
 from migfd.peers.migrate import migrate
 
@@ -35,9 +36,9 @@ RAM_MIB = 32
 
 
 def data_pages(size_mib: int) -> int:
-    """4 KiB pages of a memfd of ``size_mib`` MiB, less its generation table (4 bytes a page)."""
+    """4 KiB pages of a memfd of ``size_mib`` MiB, less the firmware area and the generation table."""
     pages = size_mib * 256
-    return pages - pages * 4 // 4096
+    return pages - first_data_page(pages)
 
 
 RAM_DATA_PAGES = data_pages(RAM_MIB)
