@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
 def run(timelines_run) -> Path:
-    """The session's real run with timelines (tests/system/conftest.py), shared with test_notebooks.py."""
+    """The session's real run with timelines (tests/conftest.py), shared with test_notebooks.py."""
     return timelines_run
 
 

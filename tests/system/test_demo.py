@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_async
+from helpers import run_async
 
 from migfd.peers.demo import demo_migration
 from migfd.results.tour import demo_table

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 
 
-from conftest import run_vm_test, wait_until
+from helpers import run_vm_test, wait_until
 from migfd.peers.chardev import ChardevClient
 
 

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import proc_fds
+from helpers import proc_fds
 
 from migfd.bench.floors import (
     THROUGHPUT_REPS, BackendFds, FloorConfig, FloorTap, HandoverProfile, Peer, allocated_mapping,

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import VMGroup
+from helpers import VMGroup
 
 from migfd.errors import StreamError
 from migfd.stream import StreamReader

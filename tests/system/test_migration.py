@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (
+from helpers import (
     FakeDestination, memfd_inodes, proc_fds, run_vm_test, sockets_of, wait_until,
 )
 from qemu.qmp import EventListener, ExecuteError

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 import pytest
-from conftest import FakeDestination, memfd_inodes, needs_tap, run_vm_test, tun_fds, wait_until
+from helpers import FakeDestination, memfd_inodes, needs_tap, run_vm_test, tun_fds, wait_until
 
 from migfd.net.netns import link_exists
 from migfd.net.tun import is_tap_fd, tap_info

@@ -16,7 +16,7 @@ import sys
 import threading
 
 import pytest
-from conftest import needs_tap
+from helpers import needs_tap
 from hypothesis import given
 from hypothesis import strategies as st
 from pyroute2 import netns as pyroute2_netns

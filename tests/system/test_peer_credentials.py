@@ -15,7 +15,7 @@ import socket
 import tempfile
 
 import pytest
-from conftest import NOBODY, become
+from helpers import NOBODY, become
 from qemu.qmp import QMPClient
 
 from migfd.errors import TransportError

@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import NOBODY, become, run_vm_test, wait_until
+from helpers import NOBODY, become, run_vm_test, wait_until
 from qemu.qmp import ExecuteError
 
 from migfd.paths import repo_root

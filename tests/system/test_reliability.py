@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HAVE_TAP, TAP_TXQLEN, memfd_inodes, run_vm_test, tun_fds, wait_until
+from helpers import HAVE_TAP, TAP_TXQLEN, memfd_inodes, run_vm_test, tun_fds, wait_until
 from migfd.net.netns import NetNamespace, delete_link, link_up, set_txqlen
 from migfd.net.tun import open_tap, set_persist
 from migfd.peers.chardev import ChardevClient

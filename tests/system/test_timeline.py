@@ -16,7 +16,7 @@ import csv
 import json
 
 import pytest
-from conftest import run_vm_test, wait_until
+from helpers import run_vm_test, wait_until
 from qemu.qmp import EventListener
 
 from migfd.bench.timelines import TIMELINE_COLUMNS, TimelineWriter

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from conftest import needs_tap, proc_fds, run_vm_test, wait_until
+from helpers import needs_tap, proc_fds, run_vm_test, wait_until
 from migfd.channel import QEMUFile
 from migfd.devices.chardev import adopt_socket_fd
 from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_vm_test, wait_until
+from helpers import run_vm_test, wait_until
 from qemu.qmp import EventListener, ExecuteError
 
 pytestmark = pytest.mark.timeout(60)
