@@ -27,6 +27,10 @@ from typing import Any
 from migfd.paths import in_checkout, repo_root
 from migfd.peers.qemu import qemu_version
 
+#: The format of results.csv and metadata.json this code writes (docs/RESULTS.md): both carry it
+#: (a ``format_version`` column, a ``format_version`` key); runs without it are format 1.
+FORMAT_VERSION = 2
+
 PACKAGES = ("migfd", "qemu.qmp", "numpy", "pandas", "tqdm", "pyroute2")
 
 
@@ -179,6 +183,7 @@ def base_metadata(args: argparse.Namespace, start: dt.datetime, out: Path, names
     revision = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
+        "format_version": FORMAT_VERSION,
         "git_revision": revision or "unknown",
         "git_dirty": (bool(status) if status is not None else None),
         "source_sha256": source_digest(),

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from migfd.bench.adaptive import Schedule
 from migfd.bench.metadata import (
-    base_metadata, busy_processes, checkout_root, iso, meminfo, source_digest, utc_now, write_json,
+    FORMAT_VERSION, base_metadata, busy_processes, checkout_root, iso, meminfo, source_digest, utc_now,
+    write_json,
 )
 from migfd.bench.registry import SCENARIO_NAMES, all_scenarios
 from migfd.bench.scenario import BenchContext, Plan, Scenario, Trial, TrialSpec
@@ -51,7 +52,7 @@ COLUMNS = (
     "trial", "downtime_ns", "total_ns", "setup_ns", "bytes_sent", "device_state_bytes", "fds_passed",
     "fd_messages", "frames_sent", "frames_lost", "frames_duplicated", "max_gap_ns", "lines_sent",
     "lines_lost", "reconnects", "stop_resume_ns", "value", "unit", "peer_version", "device_sections",
-    "ok", "error",
+    "format_version", "ok", "error",
 )
 
 
@@ -76,6 +77,7 @@ class ResultsWriter:
         clean = {k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS}
         clean["ok"] = bool(row.get("ok"))
         clean["error"] = " ".join(str(row.get("error") or "").split())  # one line
+        clean["format_version"] = FORMAT_VERSION  # every row: a row cut out of the file still says
         self.writer.writerow(clean)
         self.file.flush()
         self.rows += 1
