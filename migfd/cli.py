@@ -46,6 +46,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _cmd_observe(args: argparse.Namespace) -> int:
+    from migfd.peers.observe import main
+
+    return main(args)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from migfd.results.compare import main
 
@@ -89,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="run the benchmark in quick mode")
     p.add_argument("--out", help="report directory (default reports/<UTC>-<host>/)")
     p.set_defaults(func=_cmd_report)
+
+    from migfd.peers.observe import add_arguments as observe_arguments
+
+    p = sub.add_parser("observe", help="watch a running guest's progress counter from outside; print each outage",
+                       description="Maps the guest RAM of a running migfd VM or QEMU and reads its progress "
+                                   "counter; every silence (the guest not running anywhere) is printed as it ends.")
+    observe_arguments(p)
+    p.set_defaults(func=_cmd_observe)
 
     p = sub.add_parser("compare", help="compare two runs: ratios NEW/BASE with intervals and verdicts",
                        description="BASE and NEW are results directories or HTML reports of `migfd report`.")

@@ -4,7 +4,8 @@ A VM process arms a fault over QMP (``x-migration-fault``); the migration
 thread calls :meth:`FaultInjector.hook` at each phase (``setup``,
 ``precopy-N``, ``device``, ``device-<id>`` before each device section and so
 before its fd records, ``before-ack``, ``after-ack``; on the destination
-``dest-loaded`` before the PONG and ``dest-eof`` before the guest runs). The
+``dest-loaded`` before the PONG, ``dest-eof`` on EOF (inside the downtime) and
+``dest-resume`` after the resume time is taken and before the guest runs). The
 faults themselves are real: a channel shut down under the migration, a byte
 that does not belong in the stream, a thread held while the test kills,
 stops (SIGSTOP) or cancels the other side.
@@ -13,6 +14,7 @@ stops (SIGSTOP) or cancels the other side.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from migfd.errors import MigrationError
@@ -20,7 +22,12 @@ from migfd.errors import MigrationError
 #: pause: hold the migration thread at the phase until x-migration-continue
 #: close-channel: shut the channel down (as if the peer vanished)
 #: corrupt: put one byte into the stream that no reader expects there
-ACTIONS = ("pause", "close-channel", "corrupt")
+#: stall: hold the migration thread for STALL_S, then go on (where the guest
+#: waits for the migration, e.g. at ``dest-resume``, the guest stalls with it)
+#: fail: raise a MigrationError at the phase, as a bug there would (at the
+#: destination's ``dest-eof`` it breaks the resume: the matrix must catch that)
+ACTIONS = ("pause", "close-channel", "corrupt", "stall", "fail")
+STALL_S = 0.05
 PAUSE_LIMIT_S = 120.0
 
 
@@ -60,6 +67,10 @@ class FaultInjector:
                 raise MigrationError("the migration has no channel yet")
             f.put_buffer(b"\xee")
             f.flush()
+        elif action == "stall":
+            time.sleep(STALL_S)
+        elif action == "fail":
+            raise MigrationError("a failure injected by x-migration-fault")
         elif action == "pause":
             self._resume.clear()
             self.paused_at = self._current

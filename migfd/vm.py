@@ -142,18 +142,22 @@ class VM:
                 self._event("STOP")
             return stop_ns
 
-    def vm_start(self, paused: bool = False) -> int:
-        """Run the guest; returns CLOCK_MONOTONIC ns of the resume.
+    def vm_start(self, paused: bool = False, before_run=None) -> int:
+        """Run the guest; returns CLOCK_MONOTONIC ns of the resume: the moment the guest is let run.
 
         ``paused``: an incoming guest that was paused on the source gets its
         backends and threads but stays paused, as QEMU keeps its run state.
+        ``before_run()`` is called after that moment and before the guest
+        runs (a fault hook: what it does is outage that no downtime shows).
         """
         with self._lock:
+            resume_ns = time.monotonic_ns()
             if paused:
                 self.runstate = "paused"
-                return time.monotonic_ns()
+                return resume_ns
+            if before_run is not None:
+                before_run()
             self.ctl.resume()
-            resume_ns = time.monotonic_ns()
             self.runstate = "running"
             self._event("RESUME")
             return resume_ns

@@ -69,6 +69,8 @@ class MigrationStats:
     committed: bool = False
     #: CPU time of the migration thread (CLOCK_THREAD_CPUTIME_ID), set when it ends
     cpu_ns: int = 0
+    #: source: time its release of the backends took, after the migration ended (not in total-time)
+    release_ns: int = 0
     #: connections to the incoming socket refused because of their peer's uid
     refused_connections: int = 0
     error: str | None = None
@@ -112,6 +114,8 @@ class MigrationStats:
             out["x-setup-time-ns"] = self.setup_done_ns - self.start_ns
         if self.cpu_ns:
             out["x-cpu-time-ns"] = self.cpu_ns
+        if self.release_ns:
+            out["x-release-time-ns"] = self.release_ns
         if self.error:
             out["error-desc"] = self.error
         return out
@@ -125,7 +129,7 @@ class MigrationHost(Protocol):
 
     def vm_stop(self, runstate: str) -> int: ...  # returns the stop time, ns
 
-    def vm_start(self) -> int: ...  # returns the resume time, ns
+    def vm_start(self, paused: bool = False, before_run: Callable[[], None] | None = None) -> int: ...  # resume time, ns
 
     @property
     def running(self) -> bool: ...

@@ -40,6 +40,7 @@ from migfd.stream import (
     SectionFull,
     SectionHeader,
     StreamReader,
+    VMDescription,
     VMStateDescription,
 )
 from migfd.transport import Address, FileAddress, IncomingListener, open_incoming_file
@@ -99,6 +100,8 @@ class IncomingMigration(MigrationBase):
         self._ram_section_start: int | None = None
         #: the room the next read gets: doubles while reads fill it (pages), halves when they do not
         self._read_bytes = READ_BYTES_MIN
+        #: EOF has been read: the guest runs once the device description is read too (or the stream ends)
+        self._eof = False
 
     def _count_refused(self) -> None:
         self.stats.refused_connections += 1
@@ -214,6 +217,8 @@ class IncomingMigration(MigrationBase):
             start = parsed
             if end_of_stream:
                 break
+        if self._eof and not self.stats.committed:
+            self._resume()  # a stream that ends at EOF, without a device description
         if not self.stats.committed:
             raise MigrationError("the stream ended before EOF")
 
@@ -292,6 +297,11 @@ class IncomingMigration(MigrationBase):
             self.timeline.add("eof", parsed_ns)
             self._load_devices()
             self.hook("dest-eof")
+            self._eof = True
+        elif isinstance(event, VMDescription):
+            # QEMU's order: everything the destination reads, the device
+            # description included, is read before the guest runs.
+            self.timeline.add("load-vmdesc", start_ns, parsed_ns)
             self._resume()
 
     def _reply(self, kind: int, payload: bytes = b"") -> None:
@@ -319,11 +329,12 @@ class IncomingMigration(MigrationBase):
     def _resume(self) -> None:
         self.stats.committed = True
         start = time.monotonic_ns()
-        if self._states[MIGRATION_SECTION][0]["running"]:
-            self.stats.resume_ns = self.vm.vm_start()
-        else:
-            self.stats.resume_ns = self.vm.vm_start(paused=True)
-        self.timeline.add("resume", start, self.stats.resume_ns)
+        # The downtime ends when the guest is let run: the hook sits between the
+        # time reported and the guest running (a stall there is outage the
+        # reported downtime does not show, which the outside observer must see).
+        self.stats.resume_ns = self.vm.vm_start(paused=not self._states[MIGRATION_SECTION][0]["running"],
+                                                before_run=lambda: self.hook("dest-resume"))
+        self.timeline.add("resume", start, time.monotonic_ns())
         with self.timeline.phase("resumed-report"):
             self._reply(RP_RESUMED, struct.pack(">Q", self.stats.resume_ns))
         self.vm.release_events()

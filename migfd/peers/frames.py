@@ -17,6 +17,7 @@ import time
 
 from migfd.net.ethernet import ETH_HEADER, ETH_HEADER_LEN, ETH_P_MIGFD, GUEST_MAC
 from migfd.net.netns import run_in_netns
+from migfd.peers.observe import OWN_GAP_SLACK_NS, OwnGaps, prompt_gil, realtime
 
 #: After the Ethernet header: sequence number, CLOCK_MONOTONIC send time in ns.
 PROBE_HEADER = struct.Struct("!QQ")
@@ -103,6 +104,12 @@ class TrafficReport:
     #: Frames the kernel dropped because the probe's socket buffer was full; if
     #: not 0, part of ``lost`` is the probe's fault, not the path's.
     probe_drops: int
+    #: CLOCK_MONOTONIC ns of every echo, in arrival order
+    arrivals_ns: tuple[int, ...] = ()
+    #: intervals in which the paced sender itself woke late (migfd.peers.observe.OwnGaps)
+    own_gaps: OwnGaps | None = None
+    #: whether the sender and receiver ran under SCHED_FIFO
+    realtime: bool = False
 
 
 def _open_packet_socket(ifname: str) -> socket.socket:
@@ -191,6 +198,8 @@ class FrameProbe:
         self._next_seq = 0
         self._send_start_ns = 0
         self._send_end_ns = 0
+        self._own_gaps = OwnGaps(int(1e9 / self.rate_per_s) + OWN_GAP_SLACK_NS)
+        self._realtime: list[bool] = []
 
         self._stop_sending = threading.Event()
         self._stop_receiving = threading.Event()
@@ -227,6 +236,7 @@ class FrameProbe:
             raise RuntimeError("sender already started")
         if first_seq is not None:
             self._next_seq = first_seq
+        prompt_gil()
         self._sender = threading.Thread(
             target=self._send_loop, name=f"probe-tx:{self.ifname}", daemon=True
         )
@@ -238,13 +248,17 @@ class FrameProbe:
         # overshoots by tens of microseconds, which the next wake-up makes up
         # for, so the average rate is exact without busy-waiting.
         interval_ns = 1e9 / self.rate_per_s
+        self._realtime.append(realtime())
         start = time.monotonic_ns()
         deadline = start + int(self.max_duration_s * 1e9)
         self._send_start_ns = start
         sent = 0
+        woke = start
         try:
             while sent < self.max_frames and not self._stop_sending.is_set():
                 now = time.monotonic_ns()
+                self._own_gaps.note(woke, now)
+                woke = now
                 if now >= deadline:
                     break
                 due = min(self.max_frames, int((now - start) / interval_ns) + 1)
@@ -283,6 +297,7 @@ class FrameProbe:
     # -- receiving ------------------------------------------------------
 
     def _receive_loop(self) -> None:
+        self._realtime.append(realtime())
         sock = self._sock
         sock.settimeout(0.05)
         buf = bytearray(2048)
@@ -382,6 +397,9 @@ class FrameProbe:
             send_duration_ns=(self._send_end_ns - self._send_start_ns) if self._sender else 0,
             send_errors=self._send_errors,
             probe_drops=probe_drops,
+            arrivals_ns=tuple(self._arrivals_ns),
+            own_gaps=self._own_gaps,
+            realtime=bool(self._realtime) and all(self._realtime),
         )
 
     def close(self) -> None:

@@ -55,6 +55,7 @@ PHASE_GROUPS: tuple[tuple[str, str, str], ...] = (
     ("source", "eof", "EOF + vmdesc"),
     ("source", "vmdesc", "EOF + vmdesc"),
     ("destination", "eof", "EOF + vmdesc"),
+    ("destination", "load-vmdesc", "EOF + vmdesc"),
     ("destination", "resume", "resume the guest"),
     # real QEMU's trace (migfd.peers.qemu_trace)
     ("destination", "loadvm", "device state: receive + parse"),

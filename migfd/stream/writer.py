@@ -241,7 +241,16 @@ class StreamWriter:
                 "devices": [{"name": name, "instance_id": instance_id, **vmdesc_entry(vmsd, state)}
                             for name, instance_id, vmsd, state in self._devices]}
 
-    def write_vmdesc(self) -> None:
-        """0x06, be32 length, the JSON description of every FULL section written."""
+    def vmdesc_record(self) -> bytes:
+        """0x06, be32 length, the JSON description of every FULL section written so far.
+
+        A source builds it before it needs it (while it waits for the
+        destination's acknowledgement), so that EOF and the description leave
+        together: the destination reads both before it runs the guest.
+        """
         blob = json.dumps(self.vmdesc(), separators=(", ", ": ")).encode()
-        self.sink.put_buffer(bytes([SectionType.VMDESCRIPTION]) + struct.pack(">I", len(blob)) + blob)
+        return bytes([SectionType.VMDESCRIPTION]) + struct.pack(">I", len(blob)) + blob
+
+    def write_vmdesc(self, record: bytes | None = None) -> None:
+        """The device description after EOF: ``record`` as :meth:`vmdesc_record` built it, or built now."""
+        self.sink.put_buffer(self.vmdesc_record() if record is None else record)

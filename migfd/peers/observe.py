@@ -1,0 +1,492 @@
+"""Guest progress seen from outside: an observer that does not share the migration's fate.
+
+A guest that runs bumps a u32 counter at a fixed guest address (0x7000 for
+migfd's guests and for the counting ``-bios`` guest run by real QEMU). The
+observer maps the guest RAM from another process -- a migfd VM's memfd
+through ``/proc/PID/fd/N``, QEMU's ``memory-backend-file`` on /dev/shm --
+and reads the counter every ``period``; when it stops changing the guest is
+not running, wherever it lives. With state copy the destination has RAM of
+its own, found by its pid once it appears, so the observer watches both.
+
+What it reports is a list of :class:`Silence`: from the last sample that saw
+progress to the first that saw it again. Two rules keep the observer honest:
+
+* **progress is sustained change.** A destination that receives the
+  counter's page writes it once, while nothing runs; a running guest
+  changes it in every sample interval. A change counts as progress only
+  when the same counter also changed in the interval before or after it.
+* **the observer's own gaps are its own.** It sleeps between samples (it
+  must not take a core from the VMs) at real-time priority where allowed,
+  and records every interval in which it woke late (:class:`OwnGaps`); a
+  silence that holds such a gap says how much of it may be the observer's.
+
+The same two ideas serve the clients of the backends (the chardev client, the
+TAP probe): :func:`echo_silence` is the silence an echo stream shows around
+the switchover, apart from its longest silence of the trial.
+
+``migfd observe`` runs :func:`main` in its own process; the benchmark starts
+it with :class:`ObserverProcess`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from migfd.layout import GUEST_PROGRESS_ADDR
+#: default time between two samples of the counter
+DEFAULT_PERIOD_NS = 100_000
+#: a silence shorter than this is not reported (sampling jitter)
+DEFAULT_MIN_SILENCE_NS = 400_000
+#: priority of the observer's sampling thread when SCHED_FIFO is allowed
+OBSERVER_RT_PRIORITY = 10
+#: how often the observer looks for a target that has not appeared yet
+RESOLVE_INTERVAL_NS = 5_000_000
+#: an observer woke late when an interval exceeded its period by this much
+OWN_GAP_SLACK_NS = 300_000
+
+
+def realtime(priority: int = OBSERVER_RT_PRIORITY) -> bool:
+    """Put the calling thread under SCHED_FIFO; False where that is not allowed.
+
+    An observer that sleeps between samples and runs at real-time priority
+    wakes on time even when both cores are busy with the VMs.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+#: the GIL switch interval of a process whose observer thread shares the interpreter
+OBSERVER_SWITCH_INTERVAL_S = 0.0002
+
+
+def prompt_gil() -> None:
+    """Lower the interpreter's switch interval for an observer thread that shares it.
+
+    A thread woken by the kernel waits for the GIL up to the switch interval
+    (5 ms by default) while another thread of the process (a QMP client, the
+    benchmark's event loop) computes: the observer would blame the guest.
+    """
+    sys.setswitchinterval(min(sys.getswitchinterval(), OBSERVER_SWITCH_INTERVAL_S))
+
+
+@dataclass
+class OwnGaps:
+    """Intervals in which an observer itself did not run when it should have.
+
+    ``note(prev_ns, now_ns)`` is called at each wake-up with the previous
+    one; an interval longer than ``limit_ns`` is recorded.
+    """
+
+    limit_ns: int
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+
+    def note(self, prev_ns: int, now_ns: int) -> None:
+        if now_ns - prev_ns > self.limit_ns:
+            self.gaps.append((prev_ns, now_ns))
+
+    def within(self, start_ns: int, end_ns: int) -> int:
+        """The longest own gap overlapping ``start_ns``..``end_ns`` (its overlapping part), 0 if none."""
+        longest = 0
+        for a, b in self.gaps:
+            overlap = min(b, end_ns) - max(a, start_ns)
+            longest = max(longest, overlap)
+        return longest
+
+
+@dataclass(frozen=True)
+class Silence:
+    """No progress from ``start_ns`` (the last progress seen) to ``end_ns`` (the first seen again)."""
+
+    start_ns: int
+    end_ns: int
+    #: the longest interval inside it in which the observer itself did not run (0: none)
+    own_gap_ns: int = 0
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    @property
+    def own(self) -> bool:
+        """The observer itself stalled inside this silence: it may be the observer's, not the guest's."""
+        return self.own_gap_ns > 0
+
+    def overlaps(self, start_ns: int, end_ns: int) -> bool:
+        return self.start_ns < end_ns and start_ns < self.end_ns
+
+
+def progress_times(times_ns: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sample times at which some counter made sustained progress (see the module docstring).
+
+    ``values`` is (samples, counters), -1 where a counter could not be read
+    (its RAM had not appeared yet). Sample ``k`` shows progress on a counter
+    when it changed since sample ``k-1`` and also changed in the interval
+    before or after.
+    """
+    times_ns = np.asarray(times_ns, dtype=np.int64)
+    values = np.asarray(values, dtype=np.int64)
+    if values.ndim == 1:
+        values = values[:, None]
+    n = len(times_ns)
+    if n < 2:
+        return times_ns[:0]
+    readable = values >= 0
+    changed = np.zeros(values.shape, dtype=bool)
+    changed[1:] = (values[1:] != values[:-1]) & readable[1:] & readable[:-1]
+    before = np.zeros_like(changed)
+    before[1:] = changed[:-1]
+    after = np.zeros_like(changed)
+    after[:-1] = changed[1:]
+    progress = (changed & (before | after)).any(axis=1)
+    return times_ns[progress]
+
+
+def silences_between(progress_ns: np.ndarray, min_silence_ns: int, own: OwnGaps | None = None,
+                     *, first_ns: int | None = None, last_ns: int | None = None) -> list[Silence]:
+    """Every gap of at least ``min_silence_ns`` between consecutive progress times.
+
+    ``first_ns``/``last_ns`` bound the observation: a guest silent from the
+    start, or until the end, is silent from ``first_ns`` or until ``last_ns``.
+    """
+    marks = list(np.asarray(progress_ns, dtype=np.int64))
+    if first_ns is not None and (not marks or marks[0] > first_ns):
+        marks.insert(0, first_ns)
+    if last_ns is not None and (not marks or marks[-1] < last_ns):
+        marks.append(last_ns)
+    out = []
+    arr = np.asarray(marks, dtype=np.int64)
+    if len(arr) < 2:
+        return out
+    gaps = np.diff(arr)
+    for k in np.flatnonzero(gaps >= min_silence_ns):
+        a, b = int(arr[k]), int(arr[k + 1])
+        out.append(Silence(a, b, own.within(a, b) if own is not None else 0))
+    return out
+
+
+def echo_silence(arrivals_ns: Sequence[int], stop_ns: int, resume_ns: int,
+                 own: OwnGaps | None = None) -> Silence | None:
+    """What a client of a backend saw around a switchover: from its last echo at or
+    before the stop to its first echo at or after the resume; None without echoes on both sides."""
+    arr = np.asarray(arrivals_ns, dtype=np.int64)
+    if not len(arr):
+        return None
+    before = arr[arr <= stop_ns]
+    after = arr[arr >= resume_ns]
+    if not len(before) or not len(after):
+        return None
+    a, b = int(before[-1]), int(after[0])
+    return Silence(a, b, own.within(a, b) if own is not None else 0)
+
+
+def switchover_outage(silences: Iterable[Silence], stop_ns: int | None, window: tuple[int, int]) -> Silence | None:
+    """The silence of the switchover: the one holding the source's stop when it is known
+    (migfd, one clock), else the longest inside ``window`` (real QEMU, whose clock differs)."""
+    inside = [s for s in silences if s.overlaps(*window)]
+    if stop_ns is not None:
+        holding = [s for s in inside if s.start_ns <= stop_ns < s.end_ns]
+        if holding:
+            return holding[0]
+    return max(inside, key=lambda s: s.duration_ns, default=None)
+
+
+def longest_before(silences: Iterable[Silence], start_ns: int, end_ns: int) -> Silence | None:
+    """The longest silence that lies inside ``start_ns``..``end_ns`` (precopy: migrate to the switchover)."""
+    inside = [s for s in silences if s.start_ns >= start_ns and s.end_ns <= end_ns]
+    return max(inside, key=lambda s: s.duration_ns, default=None)
+
+
+# --------------------------------------------------------------------------
+# Where the counter is
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One counter to watch: a file (a RAM file, or ``/proc/PID/fd/N``) or the memfd
+    named ``memfd`` that process ``pid`` will hold (a state-copy destination creates
+    its RAM only when the migration starts)."""
+
+    label: str
+    offset: int = GUEST_PROGRESS_ADDR
+    path: str | None = None
+    pid: int | None = None
+    memfd: str | None = None
+    _map: mmap.mmap | None = None
+    _in_page: int = 0
+    _next_try_ns: int = 0
+
+    @classmethod
+    def parse(cls, text: str, offset: int) -> "Target":
+        """``PATH`` or ``pid:PID[:MEMFD_NAME]`` (the name defaults to migfd's ``migfd-ram0``)."""
+        if text.startswith("pid:"):
+            parts = text.split(":")
+            if not parts[1].isdigit():
+                raise ValueError(f"'{text}': pid:PID[:MEMFD_NAME]")
+            name = parts[2] if len(parts) > 2 else "migfd-ram0"
+            return cls(label=text, offset=offset, pid=int(parts[1]), memfd=name)
+        return cls(label=text, offset=offset, path=text)
+
+    def _locate(self) -> str | None:
+        if self.path is not None:
+            return self.path
+        base = f"/proc/{self.pid}/fd"
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return None
+        for name in names:
+            try:
+                if os.readlink(f"{base}/{name}").startswith(f"/memfd:{self.memfd} "):
+                    return f"{base}/{name}"
+            except OSError:
+                continue
+        return None
+
+    def read(self, now_ns: int) -> int:
+        """The counter now, or -1 while its RAM cannot be mapped."""
+        if self._map is None:
+            if now_ns < self._next_try_ns:
+                return -1
+            self._next_try_ns = now_ns + RESOLVE_INTERVAL_NS
+            self._map = self._open()
+            if self._map is None:
+                return -1
+        return struct.unpack_from("<I", self._map, self._in_page)[0]
+
+    def _open(self) -> mmap.mmap | None:
+        path = self._locate()
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size < self.offset + 4:
+                return None
+            # One page mapped read-only: the observer's view of the guest, no more.
+            page = self.offset & ~(mmap.PAGESIZE - 1)
+            m = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+            self._in_page = self.offset - page
+            return m
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+# --------------------------------------------------------------------------
+# The sampling loop
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Observation:
+    """What one observer recorded: its samples, its own gaps, what it could rely on."""
+
+    targets: list[str]
+    period_ns: int
+    realtime: bool
+    times_ns: np.ndarray
+    values: np.ndarray
+    own: OwnGaps
+
+    def silences(self, min_silence_ns: int = DEFAULT_MIN_SILENCE_NS) -> list[Silence]:
+        progress = progress_times(self.times_ns, self.values)
+        return silences_between(progress, min_silence_ns, self.own)
+
+    def resolution(self) -> dict[str, int]:
+        """The sampling intervals it really achieved (ns): median, 99th percentile, longest."""
+        if len(self.times_ns) < 2:
+            return {"median_ns": 0, "p99_ns": 0, "max_ns": 0}
+        d = np.diff(self.times_ns)
+        return {"median_ns": int(np.median(d)), "p99_ns": int(np.percentile(d, 99)), "max_ns": int(d.max())}
+
+    def to_json(self, min_silence_ns: int = DEFAULT_MIN_SILENCE_NS) -> dict[str, Any]:
+        return {
+            "targets": self.targets, "period_ns": self.period_ns, "realtime": self.realtime,
+            "samples": int(len(self.times_ns)),
+            "first_ns": int(self.times_ns[0]) if len(self.times_ns) else None,
+            "last_ns": int(self.times_ns[-1]) if len(self.times_ns) else None,
+            "resolution": self.resolution(), "min_silence_ns": min_silence_ns,
+            "own_gaps": [list(g) for g in self.own.gaps],
+            "silences": [asdict(s) for s in self.silences(min_silence_ns)],
+        }
+
+
+def observe(targets: list[Target], period_ns: int = DEFAULT_PERIOD_NS, *, until=None,
+            on_silence=None, min_silence_ns: int = DEFAULT_MIN_SILENCE_NS) -> Observation:
+    """Sample every target each ``period_ns`` until ``until()`` is true (or SIGINT/SIGTERM).
+
+    ``on_silence(Silence)`` is called as soon as a silence has ended (the live
+    view of ``migfd observe``); the returned :class:`Observation` is analysed
+    afterwards with the same rules.
+    """
+    rt = realtime()
+    own = OwnGaps(period_ns + OWN_GAP_SLACK_NS)
+    times: list[int] = []
+    values: list[list[int]] = []
+    last = [-1] * len(targets)
+    changed_before = [False] * len(targets)
+    last_progress: int | None = None
+    next_ns = time.monotonic_ns()
+    prev = next_ns
+    try:
+        while until is None or not until():
+            now = time.monotonic_ns()
+            row = [t.read(now) for t in targets]
+            own.note(prev, now)
+            prev = now
+            times.append(now)
+            values.append(row)
+            progress = False
+            for i, v in enumerate(row):
+                change = v >= 0 and last[i] >= 0 and v != last[i]
+                if change and changed_before[i]:
+                    progress = True
+                changed_before[i] = change
+                last[i] = v
+            if progress:
+                if (on_silence is not None and last_progress is not None
+                        and now - last_progress >= min_silence_ns):
+                    on_silence(Silence(last_progress, now, own.within(last_progress, now)))
+                last_progress = now
+            next_ns += period_ns
+            delay = next_ns - time.monotonic_ns()
+            if delay > 0:
+                time.sleep(delay / 1e9)
+            else:
+                next_ns = time.monotonic_ns()  # late (noted as an own gap): do not burst
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for t in targets:
+            t.close()
+    return Observation([t.label for t in targets], period_ns, rt,
+                       np.asarray(times, dtype=np.int64),
+                       np.asarray(values, dtype=np.int64).reshape(len(times), len(targets)), own)
+
+
+# --------------------------------------------------------------------------
+# ``migfd observe`` and the benchmark's handle on it
+# --------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("targets", nargs="+", metavar="RAM",
+                   help="guest RAM holding the counter: a file (/dev/shm/..., /proc/PID/fd/N) "
+                        "or pid:PID[:MEMFD_NAME] for a memfd that process holds or will hold")
+    p.add_argument("--addr", type=lambda s: int(s, 0), default=GUEST_PROGRESS_ADDR,
+                   help=f"guest address of the u32 progress counter (default {GUEST_PROGRESS_ADDR:#x})")
+    p.add_argument("--period-us", type=float, default=DEFAULT_PERIOD_NS / 1000,
+                   help="time between samples (default %(default)s)")
+    p.add_argument("--min-silence-us", type=float, default=DEFAULT_MIN_SILENCE_NS / 1000,
+                   help="report silences at least this long (default %(default)s)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: until SIGINT/SIGTERM)")
+    p.add_argument("--json", metavar="FILE", help="write every sample's analysis as JSON ('-': stdout)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``migfd observe``: print each outage of the guest as it happens; JSON at the end when asked."""
+    targets = []
+    for text in args.targets:
+        try:
+            targets.append(Target.parse(text, args.addr))
+        except ValueError as exc:
+            print(f"migfd observe: error: {exc}", file=sys.stderr)
+            return 2
+    min_silence = int(args.min_silence_us * 1000)
+    # SIGTERM ends the loop as Ctrl-C does: the analysis is still written.
+    signal.signal(signal.SIGTERM, _interrupt)
+    live = args.json != "-"
+
+    def show(s: Silence) -> None:
+        mark = f" (observer itself stalled {s.own_gap_ns / 1e6:.2f} ms inside)" if s.own else ""
+        print(f"outage {s.duration_ns / 1e6:8.3f} ms  from {s.start_ns} to {s.end_ns} ns "
+              f"(CLOCK_MONOTONIC){mark}", flush=True)
+
+    end = None if args.duration is None else time.monotonic() + args.duration
+    if live:
+        print(f"observing {', '.join(args.targets)} at {args.addr:#x} every {args.period_us:g} us; "
+              "Ctrl-C ends", flush=True)
+    obs = observe(targets, int(args.period_us * 1000), min_silence_ns=min_silence,
+                  until=(lambda: time.monotonic() >= end) if end is not None else None,
+                  on_silence=show if live else None)
+    if live:
+        res = obs.resolution()
+        print(f"{len(obs.times_ns)} samples, interval median {res['median_ns'] / 1e3:.0f} us, "
+              f"longest {res['max_ns'] / 1e3:.0f} us; real-time priority "
+              f"{'granted' if obs.realtime else 'refused'}", flush=True)
+    if args.json:
+        text = json.dumps(obs.to_json(min_silence))
+        if args.json == "-":
+            print(text, flush=True)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+class ObserverProcess:
+    """``migfd observe`` in a process of its own, started by the benchmark before a migration.
+
+    Stop it with :meth:`stop`, which returns its JSON analysis.
+    """
+
+    def __init__(self, targets: list[str], *, period_ns: int = DEFAULT_PERIOD_NS,
+                 min_silence_ns: int = DEFAULT_MIN_SILENCE_NS, addr: int = GUEST_PROGRESS_ADDR):
+        self.argv = [sys.executable, "-m", "migfd.cli", "observe", *targets, "--addr", hex(addr),
+                     "--period-us", str(period_ns / 1000), "--min-silence-us", str(min_silence_ns / 1000),
+                     "--json", "-"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def stop(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """End the observation; its analysis (MigrationError-free: errors raise RuntimeError)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        if self.proc.returncode != 0 or not out.strip():
+            raise RuntimeError(f"observer exited with {self.proc.returncode}: {err.strip()[-300:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def silences_of(report: dict[str, Any]) -> list[Silence]:
+    """The silences of an observer's JSON report."""
+    return [Silence(**s) for s in report.get("silences", [])]
