@@ -47,8 +47,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_observe(args: argparse.Namespace) -> int:
-    from migfd.peers.observe import main
+    from migfd.peers.observe import main, stop_on_sigterm
 
+    stop_on_sigterm()
     return main(args)
 
 

@@ -51,7 +51,9 @@ COLUMNS = (
     "trial_id", "scenario", "mode", "variant", "backend", "ram_bytes", "n_fds", "dirty_rate_bytes_s", "live",
     "trial", "downtime_ns", "total_ns", "setup_ns", "bytes_sent", "device_state_bytes", "fds_passed",
     "fd_messages", "frames_sent", "frames_lost", "frames_duplicated", "max_gap_ns", "lines_sent",
-    "lines_lost", "reconnects", "stop_resume_ns", "value", "unit", "peer_version", "device_sections",
+    "lines_lost", "reconnects", "stop_resume_ns", "outage_ns", "outage_own_ns", "precopy_stall_ns",
+    "release_ns", "switchover_silence_ns", "switchover_silence_own_ns", "observer_realtime", "accel",
+    "value", "unit", "peer_version", "device_sections",
     "format_version", "ok", "error",
 )
 

@@ -33,6 +33,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,10 @@ from migfd.devices import MemoryBackendMemfd
 from migfd.net.netns import NetNamespace
 from migfd.net.tun import TUN_DEVICE_PATH
 from migfd.peers.migrate import MigrationResult, migrate
+from migfd.peers.observe import ObserverProcess, Silence, echo_silence, longest_before, silences_of, switchover_outage
 from migfd.peers.process import VMProcess
 from migfd.peers.tapnet import TAP_TXQLEN, create_persistent_tap, delete_tap
-from migfd.timeline import both_sides
+from migfd.timeline import Timeline, both_sides, stop_origin
 from migfd.units import GiB, KiB, MiB
 
 FD_PASSING = "fd-passing"
@@ -61,6 +63,10 @@ TRAFFIC_VM_RAM = 64 * MiB
 TRAFFIC_LEAD_S = 0.5
 TRAFFIC_TAIL_S = 0.5
 TRAFFIC_DRAIN_S = 1.0
+#: the guest-progress observer starts this long before the migration (it maps the source's RAM)...
+OBSERVER_LEAD_S = 0.15
+#: ... and ends this long after it: the guest's first progress on the destination is inside
+OBSERVER_TAIL_S = 0.05
 
 
 # --------------------------------------------------------------------------
@@ -320,13 +326,26 @@ class VMConfig:
 
 
 class VMTrial(Trial):
-    """A fresh ``migfd vm`` pair, one migration between them, RAM verified on the destination."""
+    """A fresh ``migfd vm`` pair, one migration between them, RAM verified on the destination.
+
+    A pair with guest RAM is watched by a guest-progress observer
+    (``migfd observe``, a process of its own) from before the migration to
+    after it: its silences give ``outage_ns`` (the one holding the source's
+    stop) and ``precopy_stall_ns`` (the longest before it, while the
+    migration was live).
+    """
 
     def __init__(self, spec: TrialSpec, ctx: BenchContext):
         super().__init__(spec, ctx)
         self.workdir: Path | None = None
         self.src: VMProcess | None = None
         self.dst: VMProcess | None = None
+        self.observer: ObserverProcess | None = None
+        #: the observer's report, and the CLOCK_MONOTONIC ns the migration began and ended
+        self.observed: dict[str, Any] | None = None
+        self.migrate_ns: tuple[int, int] | None = None
+        #: the accelerator the VMs run their guest on (x-query-guest)
+        self.accel = ""
 
     def timeouts(self) -> tuple[float, float, float]:
         gib = (self.spec.ram_bytes or 0) / GiB
@@ -351,11 +370,73 @@ class VMTrial(Trial):
         self.dst = VMProcess("dst", self.workdir, incoming="defer", **common)
         timeout = self.timeouts()[0] - 5
         await asyncio.gather(self.src.start(timeout), self.dst.start(timeout))
+        self.accel = await query_accel(self.src)
+        if any(o.startswith("memory-backend-memfd") for o in cfg.objects):
+            # The source's RAM now, the destination's when it appears (state copy
+            # creates it when the migration starts; fd-passing adopts the same memfd).
+            self.observer = ObserverProcess([f"pid:{self.src.pid}", f"pid:{self.dst.pid}"])
+            await asyncio.get_running_loop().run_in_executor(None, self.observer.start)
 
     async def migrate(self) -> MigrationResult:
         assert self.src is not None and self.dst is not None and self.workdir is not None
-        return await migrate(self.src, self.dst, f"unix:{self.workdir}/migration.sock", self.params(),
-                             timeout_s=self.timeouts()[1])
+        if self.observer is not None:
+            await asyncio.sleep(OBSERVER_LEAD_S)
+        start = time.monotonic_ns()
+        result = await migrate(self.src, self.dst, f"unix:{self.workdir}/migration.sock", self.params(),
+                               timeout_s=self.timeouts()[1])
+        self.migrate_ns = (start, time.monotonic_ns())
+        if self.observer is not None:
+            await asyncio.sleep(OBSERVER_TAIL_S)
+            observer, self.observer = self.observer, None
+            try:
+                self.observed = await asyncio.get_running_loop().run_in_executor(None, observer.stop)
+            except RuntimeError as exc:
+                self.ctx.warn(f"guest-progress observer: {exc}")
+        return result
+
+    def switchover(self, result: MigrationResult) -> tuple[int, int] | None:
+        """CLOCK_MONOTONIC ns of the source's stop and of the resume the destination reported."""
+        stop = stop_origin(Timeline.from_qmp(result.source.get("x-timeline")))
+        downtime = result.source.get("x-downtime-ns")
+        if stop is None or not downtime:
+            return None
+        return stop, stop + downtime
+
+    def outage_fields(self, result: MigrationResult) -> dict[str, Any]:
+        """``outage_ns`` and ``precopy_stall_ns`` from the observer; the observer's phases for the timeline."""
+        out: dict[str, Any] = {"release_ns": result.source.get("x-release-time-ns")}
+        if self.observed is None or self.migrate_ns is None:
+            return out
+        out["observer_realtime"] = self.observed.get("realtime")
+        window = self.switchover(result)
+        silences = silences_of(self.observed)
+        outage = switchover_outage(silences, window[0] if window else None, self.migrate_ns)
+        if outage is None:
+            return out
+        out.update(outage_ns=outage.duration_ns, outage_own_ns=outage.own_gap_ns)
+        if self.spec.live:
+            stall = longest_before(silences, self.migrate_ns[0], outage.start_ns)
+            out["precopy_stall_ns"] = stall.duration_ns if stall is not None else 0
+        self._outage = outage
+        return out
+
+    def observer_phases(self, origin_ns: int) -> list[dict[str, Any]]:
+        """The guest's silence around the switchover as the observer saw it, on the timeline's clock."""
+        outage: Silence | None = getattr(self, "_outage", None)
+        if outage is None:
+            return []
+        return [{"side": "observer", "phase": "guest-outage", "start_ns": outage.start_ns - origin_ns,
+                 "end_ns": outage.end_ns - origin_ns},
+                {"side": "observer", "phase": "first-progress", "start_ns": outage.end_ns - origin_ns,
+                 "end_ns": outage.end_ns - origin_ns}]
+
+    def echo_fields(self, result: MigrationResult, arrivals_ns, own) -> dict[str, Any]:
+        """A backend client's silence around the switchover (last echo at the stop to first at the resume)."""
+        window = self.switchover(result)
+        silence = echo_silence(arrivals_ns, *window, own) if window else None
+        if silence is None:
+            return {}
+        return {"switchover_silence_ns": silence.duration_ns, "switchover_silence_own_ns": silence.own_gap_ns}
 
     async def measure(self) -> Any:
         return await self.migrate()
@@ -377,10 +458,13 @@ class VMTrial(Trial):
             "device_state_bytes": src.get("x-device-state-bytes"),
             "fds_passed": src.get("x-fds-passed"), "fd_messages": src.get("x-fd-messages"),
         })
+        row.update(self.outage_fields(result))
+        row["accel"] = self.accel
         # Both sides' phases on the source's clock; a failed migration keeps what it recorded.
         timeline = both_sides(src.get("x-timeline"), result.destination.get("x-timeline"))
         if timeline:
-            row["timeline"] = timeline
+            origin = stop_origin(Timeline.from_qmp(src.get("x-timeline")))
+            row["timeline"] = timeline + (self.observer_phases(origin) if origin is not None else [])
         row.update(self.traffic_fields(measured))
         errors = []
         if src.get("status") != "completed":
@@ -434,6 +518,9 @@ class VMTrial(Trial):
         return []
 
     async def cleanup(self) -> None:
+        if self.observer is not None:
+            self.observer.kill()
+            self.observer = None
         for vm in (self.src, self.dst):
             if vm is None:
                 continue
@@ -454,6 +541,14 @@ class VMTrial(Trial):
 
     async def after_cleanup(self) -> None:
         """Hook: remove what before_start created."""
+
+
+async def query_accel(vm: VMProcess) -> str:
+    """The accelerator a migfd VM runs its guest on; ``thread`` for a VM that does not say."""
+    accel = (await vm.execute("x-query-guest")).get("accel")
+    if isinstance(accel, dict):
+        accel = accel.get("name")
+    return accel if isinstance(accel, str) and accel else "thread"
 
 
 @dataclass

@@ -34,6 +34,7 @@ import argparse
 import json
 import mmap
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -417,8 +418,6 @@ def main(args: argparse.Namespace) -> int:
             print(f"migfd observe: error: {exc}", file=sys.stderr)
             return 2
     min_silence = int(args.min_silence_us * 1000)
-    # SIGTERM ends the loop as Ctrl-C does: the analysis is still written.
-    signal.signal(signal.SIGTERM, _interrupt)
     live = args.json != "-"
 
     def show(s: Silence) -> None:
@@ -430,6 +429,8 @@ def main(args: argparse.Namespace) -> int:
     if live:
         print(f"observing {', '.join(args.targets)} at {args.addr:#x} every {args.period_us:g} us; "
               "Ctrl-C ends", flush=True)
+    else:
+        print(json.dumps({"observing": args.targets, "pid": os.getpid()}), flush=True)  # ObserverProcess waits for it
     obs = observe(targets, int(args.period_us * 1000), min_silence_ns=min_silence,
                   until=(lambda: time.monotonic() >= end) if end is not None else None,
                   on_silence=show if live else None)
@@ -452,6 +453,19 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM ends an observation as Ctrl-C does: the analysis is still written."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _main() -> int:
+    stop_on_sigterm()
+    parser = argparse.ArgumentParser(prog="migfd observe", description=main.__doc__)
+    add_arguments(parser)
+    return main(parser.parse_args())
+
+
+
 class ObserverProcess:
     """``migfd observe`` in a process of its own, started by the benchmark before a migration.
 
@@ -460,13 +474,20 @@ class ObserverProcess:
 
     def __init__(self, targets: list[str], *, period_ns: int = DEFAULT_PERIOD_NS,
                  min_silence_ns: int = DEFAULT_MIN_SILENCE_NS, addr: int = GUEST_PROGRESS_ADDR):
-        self.argv = [sys.executable, "-m", "migfd.cli", "observe", *targets, "--addr", hex(addr),
+        self.argv = [sys.executable, "-m", "migfd.peers.observe", *targets, "--addr", hex(addr),
                      "--period-us", str(period_ns / 1000), "--min-silence-us", str(min_silence_ns / 1000),
                      "--json", "-"]
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start it and wait until it samples (it says so on its first line)."""
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        line = self.proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
+        if not line.startswith('{"observing"'):
+            self.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"observer did not start: {line.strip() or err.strip()[-300:] or 'no answer'}")
 
     def stop(self, timeout_s: float = 10.0) -> dict[str, Any]:
         """End the observation; its analysis (MigrationError-free: errors raise RuntimeError)."""
@@ -490,3 +511,7 @@ class ObserverProcess:
 def silences_of(report: dict[str, Any]) -> list[Silence]:
     """The silences of an observer's JSON report."""
     return [Silence(**s) for s in report.get("silences", [])]
+
+
+if __name__ == "__main__":  # the benchmark starts it so: no CLI, no VM stack to import
+    sys.exit(_main())

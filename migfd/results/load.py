@@ -4,7 +4,10 @@ The columns and their kinds are those of docs/RESULTS.md; :func:`select`
 picks the rows of one scenario, mode or variant, as every summary, target
 and figure does. An HTML report made by ``migfd report`` carries its run's
 ``results.csv`` and ``metadata.json`` inside it (:func:`embed_results`), so
-:func:`load_run` reads a report as it reads a directory.
+:func:`load_run` reads a report as it reads a directory. Runs age: both files
+carry a format version (:func:`format_version`; runs written before it, such as
+the committed reference run, are format 1), and a column a run lacks is added
+empty, so older runs load as newer ones do and a reader can tell what they lack.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from migfd.bench.metadata import FORMAT_VERSION
 from migfd.errors import MigrationError
 from migfd.paths import repo_root
 
@@ -30,14 +34,15 @@ RESULTS_ENV = "MIGFD_RESULTS"
 INT_COLUMNS = ("ram_bytes", "n_fds", "dirty_rate_bytes_s", "trial", "downtime_ns", "total_ns",
                "setup_ns", "bytes_sent", "device_state_bytes", "fds_passed", "fd_messages",
                "frames_sent", "frames_lost", "frames_duplicated", "max_gap_ns", "lines_sent",
-               "lines_lost", "reconnects", "stop_resume_ns")
+               "lines_lost", "reconnects", "stop_resume_ns", "outage_ns", "outage_own_ns", "precopy_stall_ns",
+               "release_ns", "switchover_silence_ns", "switchover_silence_own_ns")
 FLOAT_COLUMNS = ("value",)
-TEXT_COLUMNS = ("scenario", "mode", "variant", "backend", "unit", "error", "peer_version", "trial_id")
-BOOL_COLUMNS = ("live", "ok")
+TEXT_COLUMNS = ("scenario", "mode", "variant", "backend", "unit", "error", "peer_version", "trial_id", "accel")
+BOOL_COLUMNS = ("live", "ok", "observer_realtime")
 #: What identifies one measured point: the trials of a point are summarized together.
 #: ``peer_version`` names the QEMU of a qemu-peer row (empty for migfd's own rows, and
 #: in runs older than the column): two QEMUs at the same size are two points.
-POINT_KEYS = ["scenario", "mode", "variant", "backend", "live", "ram_bytes", "n_fds", "peer_version"]
+POINT_KEYS = ["scenario", "mode", "variant", "backend", "live", "ram_bytes", "n_fds", "peer_version", "accel"]
 
 
 def _results_dir_of(path: str | os.PathLike) -> Path:
@@ -82,6 +87,39 @@ def find_results(env_or_param: str | os.PathLike | None = None, *, root: str | o
             return found
     raise MigrationError(f"no benchmark results: run `migfd bench` (or set {RESULTS_ENV}); "
                          f"nothing under {base / 'benchmarks/results'} nor {base / 'benchmarks/reference'}")
+
+
+#: The format of runs written before results.csv and metadata.json carried a version.
+FIRST_FORMAT = 1
+
+
+def format_version(df: pd.DataFrame, meta: dict) -> int:
+    """The format a run was written in: results.csv's ``format_version`` column, else metadata.json's
+    ``format_version``, else :data:`FIRST_FORMAT` (the files had no version then).
+
+    A reader compares what both runs have, whatever their formats; the version
+    says which rules wrote the files. A format newer than this code's
+    (:data:`migfd.bench.metadata.FORMAT_VERSION`) is read as far as its columns are known.
+    """
+    if "format_version" in df.columns:
+        found = pd.to_numeric(df["format_version"], errors="coerce").dropna()
+        if len(found):
+            return int(found.max())
+    try:
+        return int(meta.get("format_version") or FIRST_FORMAT)
+    except (TypeError, ValueError):
+        return FIRST_FORMAT
+
+
+def format_note(version: int) -> str:
+    """What a reader should know of a run's format ("" for the current one)."""
+    if version < FORMAT_VERSION:
+        return (f"format {version} (written before format {FORMAT_VERSION}): what it did not measure "
+                f"is not compared")
+    if version > FORMAT_VERSION:
+        return (f"format {version}, newer than this migfd's {FORMAT_VERSION}: columns it does not know "
+                f"are not compared")
+    return ""
 
 
 def _to_bool(value: Any) -> Any:
@@ -137,6 +175,23 @@ def with_peer_version(df: pd.DataFrame, meta: dict) -> pd.DataFrame:
     return df
 
 
+#: the accelerator of rows older than the ``accel`` column: migfd's guests were Python
+#: threads, real QEMU ran under TCG
+OLD_ACCEL = {"qemu-peer": "tcg"}
+OLD_VM_ACCEL = "thread"
+
+
+def with_accel(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of runs older than the ``accel`` column get the accelerator those runs used
+    (:data:`OLD_ACCEL`; migfd VMs: ``thread``); floor rows, which run no guest, stay empty."""
+    missing = (df["accel"] == "") & (df["mode"].astype(str) != "floor")
+    if not missing.any() or (df["accel"] != "").any():
+        return df
+    df = df.copy()
+    df.loc[missing, "accel"] = df.loc[missing, "scenario"].map(OLD_ACCEL).fillna(OLD_VM_ACCEL)
+    return df
+
+
 def load_results(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     """``results.csv`` as a typed DataFrame, and ``metadata.json`` (``{}`` if absent)."""
     run = _results_dir_of(path)
@@ -148,7 +203,7 @@ def load_results(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
             meta = json.loads(meta_path.read_text())
         except ValueError as exc:
             raise MigrationError(f"{meta_path} is not JSON: {exc}") from None
-    return with_peer_version(clean_results(df), meta), meta
+    return with_accel(with_peer_version(clean_results(df), meta)), meta
 
 
 #: The id of the ``<script type="application/json">`` element that holds a report's run.
@@ -191,7 +246,7 @@ def load_run(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     if p.is_file() and p.suffix.lower() in (".html", ".htm"):
         csv_text, meta = embedded_results(p.read_text(errors="replace"), str(p))
         df = pd.read_csv(io.StringIO(csv_text), dtype=str, keep_default_na=False, na_values=[""])
-        return with_peer_version(clean_results(df), meta), meta
+        return with_accel(with_peer_version(clean_results(df), meta)), meta
     if not p.exists():
         raise MigrationError(f"{p} does not exist")
     return load_results(p)

@@ -12,7 +12,8 @@ from migfd.bench.scenario import (
 from migfd.peers.chardev import ChardevClient
 from migfd.peers.migrate import MigrationResult
 
-CHARDEV_LINE_RATE = 1_000
+#: lines per second: one every 250 µs, the resolution of the client's switchover silence
+CHARDEV_LINE_RATE = 4_000
 
 
 class ChardevTrial(VMTrial):
@@ -46,7 +47,8 @@ class ChardevTrial(VMTrial):
     def traffic_fields(self, measured: Traffic) -> dict[str, Any]:
         report, _ = measured.report
         return {"lines_sent": report.lines_sent, "lines_lost": len(report.lost),
-                "reconnects": report.reconnects, "max_gap_ns": report.max_gap_ns}
+                "reconnects": report.reconnects, "max_gap_ns": report.max_gap_ns,
+                **self.echo_fields(measured.result, report.arrivals_ns, report.own_gaps)}
 
     def traffic_errors(self, measured: Traffic) -> list[str]:
         _, error = measured.report

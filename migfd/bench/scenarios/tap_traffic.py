@@ -53,7 +53,8 @@ class TapTrafficTrial(VMTrial):
     def traffic_fields(self, measured: Traffic) -> dict[str, Any]:
         r = measured.report
         return {"frames_sent": r.frames_sent, "frames_lost": len(r.lost),
-                "frames_duplicated": len(r.duplicated), "max_gap_ns": r.max_gap_ns}
+                "frames_duplicated": len(r.duplicated), "max_gap_ns": r.max_gap_ns,
+                **self.echo_fields(measured.result, r.arrivals_ns, r.own_gaps)}
 
     def traffic_errors(self, measured: Traffic) -> list[str]:
         r = measured.report

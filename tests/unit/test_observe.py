@@ -1,0 +1,76 @@
+"""The guest-progress observer's rules, on recorded samples: no process, no clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from migfd.peers.observe import (
+    OwnGaps, Silence, echo_silence, longest_before, progress_times, silences_between, switchover_outage,
+)
+
+pytestmark = pytest.mark.unit
+
+P = 100_000  # ns between samples
+
+
+def samples(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) * P
+
+
+def test_a_stopped_guest_is_one_silence_from_its_last_to_its_first_progress():
+    t = samples(40)
+    v = np.arange(40, dtype=np.int64)  # a running guest: a change every interval
+    v[10:25] = v[10]  # stopped after sample 10, runs again at sample 25
+    v[25:] = v[10] + np.arange(1, 16)
+    silences = silences_between(progress_times(t, v), 3 * P)
+    assert silences == [Silence(10 * P, 25 * P)]
+
+
+def test_a_single_write_while_nothing_runs_is_not_progress():
+    # A state-copy destination writes the counter's page once, during the downtime.
+    t = samples(40)
+    src = np.arange(40, dtype=np.int64)
+    src[10:] = 10  # the source stops for good at sample 10
+    dst = np.full(40, -1, dtype=np.int64)  # the destination's RAM appears at sample 12
+    dst[12:] = 0
+    dst[18:] = 10  # the copied page: one write
+    dst[30:] = 10 + np.arange(1, 11)  # the guest runs on the destination from sample 30
+    silences = silences_between(progress_times(t, np.stack([src, dst], axis=1)), 3 * P)
+    assert silences == [Silence(10 * P, 30 * P)]
+
+
+def test_unreadable_samples_never_count_as_change():
+    t = samples(10)
+    v = np.array([-1, -1, -1, 5, 5, 5, 5, 5, 5, 5], dtype=np.int64)
+    assert len(progress_times(t, v)) == 0
+
+
+def test_own_gaps_mark_the_silences_that_hold_them():
+    own = OwnGaps(limit_ns=2 * P)
+    for prev, now in [(0, P), (P, 9 * P), (9 * P, 10 * P)]:
+        own.note(prev, now)
+    assert own.gaps == [(P, 9 * P)]
+    progress = np.array([0, P, 9 * P, 10 * P, 20 * P, 21 * P], dtype=np.int64)
+    silences = silences_between(progress, 3 * P, own)
+    assert [(s.start_ns, s.end_ns, s.own) for s in silences] == [(P, 9 * P, True), (10 * P, 20 * P, False)]
+    assert silences[0].own_gap_ns == 8 * P
+
+
+def test_the_switchover_outage_is_the_silence_holding_the_stop():
+    a, b, c = Silence(100, 200), Silence(300, 900), Silence(1000, 5000)
+    # c is longer, but the stop (at 400) is inside b
+    assert switchover_outage([a, b, c], 400, (0, 10_000)) is b
+    # QEMU: no stop time on our clock: the longest inside the migration's window
+    assert switchover_outage([a, b, c], None, (0, 10_000)) is c
+    assert switchover_outage([a, b, c], None, (0, 950)) is b
+    assert longest_before([a, b, c], 0, 950) is b
+    assert longest_before([a, b, c], 0, 250) is a
+
+
+def test_an_echo_stream_silence_runs_from_the_last_echo_at_the_stop_to_the_first_at_the_resume():
+    arrivals = [0, 250, 500, 750, 4_000, 4_250]
+    s = echo_silence(arrivals, stop_ns=800, resume_ns=3_000)
+    assert (s.start_ns, s.end_ns) == (750, 4_000)
+    assert echo_silence(arrivals, stop_ns=800, resume_ns=5_000) is None  # no echo after the resume
+    assert echo_silence([], 0, 1) is None
