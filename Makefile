@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 QEMU10 := .qemu/qemu-10.0
 
-.PHONY: test test-unit report lab venv debs qemu clean
+.PHONY: test test-unit report lab venv debs browser qemu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,13 +32,23 @@ debs:
 	  fi; \
 	fi
 
+# Debian's Chromium for the report's browser test (tests/system/test_report_browser.py, which Playwright
+# from the test extra drives; nothing is downloaded when it runs): only when missing, only as root on
+# a Debian-like system; elsewhere that test skips with a reason.
+browser:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
+	  echo "installing Debian packages: chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+	    || echo "chromium could not be installed: the browser test will skip"; \
+	fi
+
 # QEMU 10.0 from bookworm-backports into .qemu/ (tools/fetch-qemu.sh: as root on Debian 12;
 # elsewhere it prints why it skipped, and qemu-peer runs the system's QEMU alone).
 qemu: debs
 	@./tools/fetch-qemu.sh
 
 # The layer rules (import-linter contracts in pyproject.toml), then both halves of the suite.
-test: $(STAMP) debs qemu
+test: $(STAMP) debs browser qemu
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
