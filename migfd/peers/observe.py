@@ -12,9 +12,11 @@ What it reports is a list of :class:`Silence`: from the last sample that saw
 progress to the first that saw it again. Two rules keep the observer honest:
 
 * **progress is sustained change.** A destination that receives the
-  counter's page writes it once, while nothing runs; a running guest
-  changes it in every sample interval. A change counts as progress only
-  when the same counter also changed in the interval before or after it.
+  counter's page writes it once or twice (the last precopy pass, the final
+  stage), while nothing runs; a running guest changes it in every sample
+  interval. A change counts as progress only inside a run of
+  :data:`SUSTAINED_INTERVALS` intervals in which the same counter changed
+  every time.
 * **the observer's own gaps are its own.** It sleeps between samples (it
   must not take a core from the VMs) at real-time priority where allowed,
   and records every interval in which it woke late (:class:`OwnGaps`); a
@@ -46,6 +48,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from migfd.layout import GUEST_PROGRESS_ADDR
+#: consecutive sample intervals a counter must change in for that to be the guest running
+SUSTAINED_INTERVALS = 3
 #: default time between two samples of the counter
 DEFAULT_PERIOD_NS = 100_000
 #: a silence shorter than this is not reported (sampling jitter)
@@ -131,13 +135,13 @@ class Silence:
         return self.start_ns < end_ns and start_ns < self.end_ns
 
 
-def progress_times(times_ns: np.ndarray, values: np.ndarray) -> np.ndarray:
+def progress_times(times_ns: np.ndarray, values: np.ndarray, sustained: int = SUSTAINED_INTERVALS) -> np.ndarray:
     """Sample times at which some counter made sustained progress (see the module docstring).
 
     ``values`` is (samples, counters), -1 where a counter could not be read
     (its RAM had not appeared yet). Sample ``k`` shows progress on a counter
-    when it changed since sample ``k-1`` and also changed in the interval
-    before or after.
+    when it changed since sample ``k-1`` inside a run of ``sustained``
+    consecutive changes of that counter.
     """
     times_ns = np.asarray(times_ns, dtype=np.int64)
     values = np.asarray(values, dtype=np.int64)
@@ -147,14 +151,15 @@ def progress_times(times_ns: np.ndarray, values: np.ndarray) -> np.ndarray:
     if n < 2:
         return times_ns[:0]
     readable = values >= 0
-    changed = np.zeros(values.shape, dtype=bool)
+    changed = np.zeros(values.shape, dtype=np.int64)
     changed[1:] = (values[1:] != values[:-1]) & readable[1:] & readable[:-1]
-    before = np.zeros_like(changed)
-    before[1:] = changed[:-1]
-    after = np.zeros_like(changed)
-    after[:-1] = changed[1:]
-    progress = (changed & (before | after)).any(axis=1)
-    return times_ns[progress]
+    # runs: a window of ``sustained`` samples that all changed marks every one of them
+    csum = np.vstack([np.zeros((1, changed.shape[1]), dtype=np.int64), np.cumsum(changed, axis=0)])
+    full = (csum[sustained:] - csum[:-sustained]) == sustained  # window starting at k
+    progress = np.zeros(changed.shape, dtype=bool)
+    for offset in range(sustained):
+        progress[offset:offset + len(full)] |= full
+    return times_ns[progress.any(axis=1)]
 
 
 def silences_between(progress_ns: np.ndarray, min_silence_ns: int, own: OwnGaps | None = None,
@@ -349,7 +354,7 @@ def observe(targets: list[Target], period_ns: int = DEFAULT_PERIOD_NS, *, until=
     times: list[int] = []
     values: list[list[int]] = []
     last = [-1] * len(targets)
-    changed_before = [False] * len(targets)
+    run = [0] * len(targets)  # consecutive intervals each counter changed in
     last_progress: int | None = None
     next_ns = time.monotonic_ns()
     prev = next_ns
@@ -363,15 +368,16 @@ def observe(targets: list[Target], period_ns: int = DEFAULT_PERIOD_NS, *, until=
             values.append(row)
             progress = False
             for i, v in enumerate(row):
-                change = v >= 0 and last[i] >= 0 and v != last[i]
-                if change and changed_before[i]:
+                run[i] = run[i] + 1 if v >= 0 and last[i] >= 0 and v != last[i] else 0
+                if run[i] >= SUSTAINED_INTERVALS:
                     progress = True
-                changed_before[i] = change
                 last[i] = v
             if progress:
+                # the run began SUSTAINED_INTERVALS - 1 samples ago: that is when the guest ran again
+                began = times[-SUSTAINED_INTERVALS] if len(times) >= SUSTAINED_INTERVALS else now
                 if (on_silence is not None and last_progress is not None
-                        and now - last_progress >= min_silence_ns):
-                    on_silence(Silence(last_progress, now, own.within(last_progress, now)))
+                        and began - last_progress >= min_silence_ns):
+                    on_silence(Silence(last_progress, began, own.within(last_progress, began)))
                 last_progress = now
             next_ns += period_ns
             delay = next_ns - time.monotonic_ns()

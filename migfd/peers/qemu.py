@@ -30,8 +30,6 @@ QEMU_BINARY = "qemu-system-x86_64"
 #: extra QEMU binaries, colon-separated, as ``--qemu`` gives them
 QEMU_ENV = "MIGFD_QEMU"
 _VERSION = re.compile(r"QEMU emulator version (\d+(?:\.\d+)+)")
-#: the name QEMU gives the memfd of a ``memory-backend-memfd`` (/proc/PID/fd shows ``/memfd:NAME``)
-MEMFD_BACKEND_NAME = "memory-backend-memfd"
 
 
 def qemu_binary() -> str | None:
@@ -213,25 +211,21 @@ def _read_greeting_and_reply(sock: socket.socket, deadline: float) -> list[dict[
             return events
 
 
-def backend_memfd(pid: int, size: int) -> str:
-    """The /proc path of the guest RAM memfd of QEMU ``pid`` (its ``memory-backend-memfd`` of ``size`` bytes)."""
-    base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
-        path = f"{base}/{name}"
-        try:
-            if os.readlink(path).startswith(f"/memfd:{MEMFD_BACKEND_NAME} ") and os.stat(path).st_size == size:
-                return path
-        except OSError:
-            continue
-    raise MigrationError(f"QEMU {pid} holds no {MEMFD_BACKEND_NAME} memfd of {size} bytes")
+#: the counting guest's code, at the reset vector: ``xor ax,ax; mov ds,ax; inc dword [0x7000]; jmp $-7``
+#: (real mode: 0x66 makes ``inc`` 32-bit; ``jmp`` goes back to the ``inc``)
+COUNTING_GUEST = bytes.fromhex("31c08ed8" "66ff060070" "ebf9")
+#: a -bios image is 64 KiB; the CPU starts at its last 16 bytes (file offset 0xfff0)
+BIOS_BYTES = 0x10000
+RESET_VECTOR_OFFSET = 0xFFF0
 
 
-def copy_into(src_path: str, dst_path: str, size: int) -> None:
-    """Copy ``size`` bytes of ``src_path`` over the start of ``dst_path`` (a file or a /proc fd link)."""
-    with open(src_path, "rb") as src, open(dst_path, "r+b") as dst:
-        done = 0
-        while done < size:
-            n = os.sendfile(dst.fileno(), src.fileno(), done, size - done)
-            if n == 0:
-                raise MigrationError(f"{src_path} ended after {done} of {size} bytes")
-            done += n
+def write_counting_bios(path: str) -> None:
+    """A ``-bios`` image whose guest does nothing but count a u32 at guest address 0x7000.
+
+    What an outside observer (:mod:`migfd.peers.observe`) watches to see when
+    a real QEMU's guest runs; the rest of the image is ``hlt``.
+    """
+    image = bytearray(b"\xf4" * BIOS_BYTES)
+    image[RESET_VECTOR_OFFSET:RESET_VECTOR_OFFSET + len(COUNTING_GUEST)] = COUNTING_GUEST
+    with open(path, "wb") as f:
+        f.write(image)

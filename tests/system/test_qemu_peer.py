@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from migfd.bench import runner
-from migfd.bench.scenarios.qemu_peer import MACHINE, qemu_argv
+from migfd.bench.scenarios.qemu_peer import MACHINE, accels, qemu_argv
 from migfd.cli import main as cli_main
 from migfd.errors import MigrationError
 from migfd.paths import repo_root
@@ -105,10 +105,10 @@ def test_every_qemu_version_mode_and_variant_is_a_row(run):
     system = qemu_binary()
     versions = {ten} | ({describe_qemu(system).version} if system else set())
     assert {r["peer_version"] for r in rows} == versions
-    got = {(r["peer_version"], r["mode"], r["variant"]) for r in rows}
+    got = {(r["peer_version"], r["mode"], r["variant"], r["accel"]) for r in rows}
     modes = {"qemu-ram-copied", "qemu-ram-shared"}
-    expected = {(v, m, var) for v in versions for m in modes | ({"qemu-cpr-transfer"} if v == ten else set())
-                for var in ("idle", "filled")}
+    expected = {(v, m, var, accel) for v in versions for m in modes | ({"qemu-cpr-transfer"} if v == ten else set())
+                for var in ("idle", "filled") for accel in accels()}
     assert got == expected and len(rows) == len(expected)
     bad = [(r["peer_version"], r["mode"], r["variant"], r["error"]) for r in rows if r["ok"] != "True"]
     assert bad == []
@@ -117,6 +117,20 @@ def test_every_qemu_version_mode_and_variant_is_a_row(run):
     assert os.path.realpath(QEMU_10) in {os.path.realpath(q["path"]) for q in meta["qemus"]}
     device_state = meta["scenarios"]["qemu-peer"]["device_state"]
     assert all(device_state[v]["sections"] > 0 and device_state[v]["bytes"] > 0 for v in versions)
+
+
+@needs_qemu_10
+def test_the_outside_observer_sees_at_least_qemus_own_pause(run):
+    """The guest cannot count between QEMU's STOP and RESUME events: the observer's outage covers them.
+
+    The events carry µs; the observer maps their wall-clock time onto its own
+    clock and samples every 100 µs. A copied RAM's page written twice into the
+    destination's file while nothing runs must not end the outage early.
+    """
+    for r in rows_of(run):
+        outage, paused = int(r["outage_ns"]), int(r["stop_resume_ns"])
+        assert outage >= paused - 200_000, (r["peer_version"], r["mode"], r["variant"], r["accel"], outage, paused)
+        assert r["observer_realtime"] in ("True", "False") and r["precopy_stall_ns"] != ""
 
 
 @needs_qemu_10

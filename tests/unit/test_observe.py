@@ -40,6 +40,18 @@ def test_a_single_write_while_nothing_runs_is_not_progress():
     assert silences == [Silence(10 * P, 30 * P)]
 
 
+def test_the_last_precopy_pass_and_the_final_stage_writing_the_page_back_to_back_are_not_progress():
+    t = samples(40)
+    src = np.arange(40, dtype=np.int64)
+    src[10:] = 10
+    dst = np.zeros(40, dtype=np.int64)
+    dst[15] = 7   # the last precopy pass...
+    dst[16:] = 10  # ... and the final stage, in the next interval
+    dst[30:] = 10 + np.arange(1, 11)
+    silences = silences_between(progress_times(t, np.stack([src, dst], axis=1)), 3 * P)
+    assert silences == [Silence(10 * P, 30 * P)]
+
+
 def test_unreadable_samples_never_count_as_change():
     t = samples(10)
     v = np.array([-1, -1, -1, 5, 5, 5, 5, 5, 5, 5], dtype=np.int64)

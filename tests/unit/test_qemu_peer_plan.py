@@ -16,7 +16,7 @@ from migfd.bench.scenarios.qemu_peer import (
     COPIED, CPR, FILLED, IDLE, SHARED, QemuPeer, cpr_channels, modes_of, qemu_argv, ram_argv,
 )
 from migfd.errors import MigrationError
-from migfd.peers.qemu import QemuBinary, _read_greeting_and_reply, requested_qemus
+from migfd.peers.qemu import QemuBinary, _read_greeting_and_reply, requested_qemus, write_counting_bios
 from migfd.units import GiB, MiB
 
 QEMU_72 = QemuBinary("/usr/bin/qemu-system-x86_64", "7.2.22", "QEMU emulator version 7.2.22",
@@ -44,24 +44,32 @@ def _object(argv: list[str]) -> str:
 
 
 def test_ram_kind_of_each_mode():
+    # Every mode maps a shared file, so that one observer reads the guest's counter from outside.
     size, shm = 64 * MiB, "/dev/shm/x.raw"
-    cpr = ram_argv(CPR, FILLED, True, size, None)
+    cpr = ram_argv(CPR, size, shm)
     assert cpr[:2] == ["-M", "pc,memory-backend=ram0,aux-ram-share=on"]
-    assert _object(cpr) == "memory-backend-memfd,id=ram0,size=64M,share=on"
-    for incoming in (False, True):
-        assert _object(ram_argv(SHARED, IDLE, incoming, size, shm)) == \
-            f"memory-backend-file,id=ram0,size=64M,mem-path={shm},share=on"
-        assert _object(ram_argv(COPIED, IDLE, incoming, size, None)) == "memory-backend-ram,id=ram0,size=64M"
-    # filled precopy: the source maps the random bytes privately, the destination has plain RAM
-    assert _object(ram_argv(COPIED, FILLED, False, size, shm)) == \
-        f"memory-backend-file,id=ram0,size=64M,mem-path={shm},share=off"
-    assert _object(ram_argv(COPIED, FILLED, True, size, shm)) == "memory-backend-ram,id=ram0,size=64M"
+    for mode in (COPIED, SHARED, CPR):
+        assert _object(ram_argv(mode, size, shm)) == f"memory-backend-file,id=ram0,size=64M,mem-path={shm},share=on"
+    assert ram_argv(COPIED, size, shm)[:2] == ["-M", "pc,memory-backend=ram0"]
+
+
+def test_the_counting_bios_counts_at_0x7000_from_the_reset_vector(tmp_path):
+    path = tmp_path / "count.bios"
+    write_counting_bios(str(path))
+    image = path.read_bytes()
+    assert len(image) == 0x10000
+    # xor ax,ax; mov ds,ax; inc dword [0x7000]; jmp back to the inc
+    assert image[0xFFF0:0xFFFB] == bytes.fromhex("31c08ed866ff060070ebf9")
+    jmp_target = 0xFFF0 + 11 + (image[0xFFFA] - 256)
+    assert jmp_target == 0xFFF0 + 4  # the inc
+    assert image[:0xFFF0] == b"\xf4" * 0xFFF0
 
 
 def test_command_lines():
-    ram = ram_argv(COPIED, IDLE, False, 64 * MiB, None)
-    src = qemu_argv(QEMU_72, "src", "/t/src.qmp", ram)
+    ram = ram_argv(COPIED, 64 * MiB, "/dev/shm/x")
+    src = qemu_argv(QEMU_72, "src", "/t/src.qmp", ram, bios="/t/count.bios", accel="kvm")
     assert src[0] == QEMU_72.path and src[-1] == "-S"
+    assert src[src.index("-accel") + 1] == "kvm" and src[src.index("-bios") + 1] == "/t/count.bios"
     assert "-qmp" in src and src[src.index("-qmp") + 1] == "unix:/t/src.qmp,server=on,wait=off"
     assert "-incoming" not in src
     assert "enable=vmstate_downtime_checkpoint" not in src  # 7.2 has no such event
@@ -69,6 +77,7 @@ def test_command_lines():
     channels = cpr_channels("/t/main.sock", "/t/cpr.sock")
     dst = qemu_argv(QEMU_10, "dst", "/t/dst.qmp", ram, incoming=[json.dumps(c) for c in channels], wait=True)
     assert "-S" not in dst and "enable=vmstate_downtime_checkpoint" in dst
+    assert dst[dst.index("-accel") + 1] == "tcg" and "-bios" not in dst
     assert dst[dst.index("-qmp") + 1].endswith(",wait=on")
     incoming = [json.loads(dst[i + 1]) for i, a in enumerate(dst) if a == "-incoming"]
     assert [(c["channel-type"], c["addr"]["path"]) for c in incoming] == [("main", "/t/main.sock"),
@@ -77,11 +86,20 @@ def test_command_lines():
     assert "-trace" not in qemu_argv(QEMU_10, "d", "/t/d.qmp", ram, trace=False)
 
 
-def _plan(qemus: list[QemuBinary], sizes: list[int], trials: int = 2):
+def _plan(qemus: list[QemuBinary], sizes: list[int], trials: int = 2, accels: tuple[str, ...] = ("tcg",)):
     scenario = QemuPeer()
     scenario.qemus = qemus
+    scenario.accels = list(accels)
     ctx = BenchContext(quick=True, trials=trials, tmp=Path("/tmp"), mem_available=64 * GiB, ram_sizes=sizes)
     return scenario.plan(ctx)
+
+
+def test_plan_per_accelerator():
+    plan = _plan([QEMU_10], [64 * MiB], accels=("kvm", "tcg"))
+    combos = {(s.mode, s.variant, s.accel) for s in plan.specs}
+    assert combos == {(m, v, a) for m in modes_of(QEMU_10) for v in (IDLE, FILLED) for a in ("kvm", "tcg")}
+    assert {s.row()["accel"] for s in plan.specs} == {"kvm", "tcg"}
+    assert "accel" in COLUMNS
 
 
 def test_plan_per_qemu_mode_and_variant():

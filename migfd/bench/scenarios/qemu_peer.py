@@ -1,29 +1,30 @@
-"""``qemu-peer``: real QEMU migrating over unix sockets, beside migfd, one row set per QEMU version.
+"""``qemu-peer``: real QEMU migrating over unix sockets, beside migfd, one row set per QEMU version and accelerator.
 
 The QEMUs are the system's ``qemu-system-x86_64`` and those of ``--qemu`` /
 ``$MIGFD_QEMU`` (:func:`migfd.peers.qemu.find_qemus`); each row names its QEMU
-in ``peer_version``. The guest is a ``pc`` machine with one vCPU running
-SeaBIOS under TCG (no boot device), guest RAM ``ram0`` at the ram-size sizes:
+in ``peer_version`` and its accelerator in ``accel`` (``kvm`` where /dev/kvm
+opens, and ``tcg`` always). The guest is a ``pc`` machine with one vCPU
+running the counting ``-bios`` image of :func:`migfd.peers.qemu.write_counting_bios`
+(a u32 at guest address 0x7000 that counts while the guest runs), guest RAM
+``ram0`` a ``memory-backend-file`` with ``share=on`` on /dev/shm in every mode,
+so that one outside observer (``migfd observe``, :mod:`migfd.peers.observe`)
+reads the counter, as it does for migfd's guests:
 
 ``qemu-ram-copied``
-    plain precopy: every page travels (``memory-backend-ram`` on the destination).
+    plain precopy: every page travels, into a file of the destination's own.
 ``qemu-ram-shared``
-    ``x-ignore-shared`` on both sides, guest RAM a ``memory-backend-file`` on
-    /dev/shm with ``share=on``, the one RAM kind both 7.2 and 10.0 skip (10.0
-    does not skip a shared memfd; 7.2 skips it but the destination then maps a
-    new, empty memfd: the guest's RAM would be lost).
+    ``x-ignore-shared`` on both sides, both mapping the same file, the one
+    RAM kind both 7.2 and 10.0 skip (10.0 does not skip a shared memfd).
 ``qemu-cpr-transfer`` (QEMU 10.0 and later)
-    QEMU's own fd-passing: ``memory-backend-memfd,share=on`` with
-    ``aux-ram-share=on``; the destination listens on a ``cpr`` and a ``main``
-    channel and its monitor appears only once the cpr state (the fds) arrived,
-    so it runs with ``-qmp ...,wait=on`` and the client negotiates at once
-    (see :class:`~migfd.peers.qemu.QemuProcess`) to see the RESUME event.
+    QEMU's own fd-passing: the RAM file's fd is handed over (``aux-ram-share=on``);
+    the destination listens on a ``cpr`` and a ``main`` channel and its monitor
+    appears only once the cpr state (the fds) arrived, so it runs with
+    ``-qmp ...,wait=on`` and the client negotiates at once (see
+    :class:`~migfd.peers.qemu.QemuProcess`) to see the RESUME event.
 
 Variants: ``filled``, guest RAM holding random bytes (a /dev/shm file of random
-bytes mapped ``share=off`` by the source of ``qemu-ram-copied``, ``share=on`` by
-both sides of ``qemu-ram-shared``, copied into the memfd of ``qemu-cpr-transfer``
-before the guest runs), at every size: nothing is flattered by zero pages;
-``idle``, RAM as QEMU gives it (zero pages but what SeaBIOS writes), at the
+bytes that the source maps), at every size: nothing is flattered by zero
+pages; ``idle``, a new sparse file (zero pages but the counter's), at the
 smallest size only: it shows how much zero pages flatter precopy.
 
 The guest runs for a moment (``cont``) before the migration, off the clock.
@@ -31,8 +32,11 @@ The guest runs for a moment (``cont``) before the migration, off the clock.
 QEMU's ``downtime``, ``total-time``, ``setup-time`` are whole ms, read once the
 source is in ``postmigrate`` (7.2 computes them after ``completed``);
 ``stop_resume_ns`` is the source's STOP event to the destination's RESUME
-event (µs, one host clock), the guest's pause as migfd measures it. Each row's
-``timeline`` comes from QEMU's trace (:mod:`migfd.peers.qemu_trace`),
+event (µs, one host clock), the guest's pause as QEMU reports it;
+``outage_ns`` the observer's silence holding the STOP event (its wall-clock
+time mapped onto CLOCK_MONOTONIC through a sync point taken by this process),
+``precopy_stall_ns`` its longest silence before that while the migration ran.
+Each row's ``timeline`` comes from QEMU's trace (:mod:`migfd.peers.qemu_trace`),
 ``device_sections`` from the device sections the source's trace shows saved,
 ``device_state_bytes`` from one stream each QEMU saves to a file when the
 scenario starts (same machine; :meth:`QemuPeer.setup`). Every process is ended
@@ -53,14 +57,13 @@ from pathlib import Path
 from typing import Any
 
 from migfd.bench.scenario import (
-    DOWNTIME_LIMIT_MS, MAX_BANDWIDTH, BenchContext, Plan, Scenario, Trial, TrialSpec, interleave,
+    DOWNTIME_LIMIT_MS, MAX_BANDWIDTH, OBSERVER_TAIL_S, BenchContext, Plan, Scenario, Trial, TrialSpec, interleave,
     memory_shortfall, trials_for_size,
 )
 from migfd.bench.scenarios.ram_size import RamSize
 from migfd.errors import MigrationError
-from migfd.peers.qemu import (
-    QEMU_BINARY, QemuBinary, QemuProcess, backend_memfd, copy_into, describe_qemu, find_qemus,
-)
+from migfd.peers.observe import ObserverProcess, longest_before, silences_of, switchover_outage
+from migfd.peers.qemu import QEMU_BINARY, QemuBinary, QemuProcess, describe_qemu, find_qemus, write_counting_bios
 from migfd.peers.qemu_trace import completion_sections, cpr_fds, parse_trace, qemu_timeline, trace_arguments
 from migfd.stream.inspect import inspect_stream
 from migfd.units import GiB, MiB
@@ -86,38 +89,42 @@ DEVICE_STATE_RAM = 64 * MiB
 
 @dataclass
 class QemuTrialSpec(TrialSpec):
-    """A trial of one QEMU; its rows name that QEMU's version (``peer_version``)."""
+    """A trial of one QEMU; its rows name that QEMU's version (``peer_version``) and accelerator."""
 
     peer_version: str = ""
+    accel: str = "tcg"
 
     def row(self) -> dict[str, Any]:
-        return {**super().row(), "peer_version": self.peer_version}
+        return {**super().row(), "peer_version": self.peer_version, "accel": self.accel}
 
 
 def modes_of(q: QemuBinary) -> list[str]:
     return [COPIED, SHARED] + ([CPR] if q.at_least(*CPR_RELEASE) else [])
 
 
-def ram_argv(mode: str, variant: str, incoming: bool, size: int, mem_path: str | None) -> list[str]:
-    """``-M``/``-m``/``-object`` of guest RAM ``ram0`` (see the module docstring)."""
+def accels() -> list[str]:
+    """QEMU's accelerators here: KVM where /dev/kvm opens, TCG always."""
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        return ["kvm", "tcg"]
+    except OSError:
+        return ["tcg"]
+
+
+def ram_argv(mode: str, size: int, mem_path: str) -> list[str]:
+    """``-M``/``-m``/``-object`` of guest RAM ``ram0``: the file ``mem_path``, shared (see the module docstring)."""
     mib = size // MiB
-    machine = MACHINE
-    if mode == CPR:
-        machine += ",aux-ram-share=on"
-        backend = f"memory-backend-memfd,id=ram0,size={mib}M,share=on"
-    elif mode == SHARED:
-        backend = f"memory-backend-file,id=ram0,size={mib}M,mem-path={mem_path},share=on"
-    elif variant == FILLED and not incoming:
-        backend = f"memory-backend-file,id=ram0,size={mib}M,mem-path={mem_path},share=off"
-    else:
-        backend = f"memory-backend-ram,id=ram0,size={mib}M"
+    machine = MACHINE + (",aux-ram-share=on" if mode == CPR else "")
+    backend = f"memory-backend-file,id=ram0,size={mib}M,mem-path={mem_path},share=on"
     return ["-M", machine, "-m", f"{mib}M", "-object", backend]
 
 
-def qemu_argv(q: QemuBinary, name: str, qmp_path: str, ram: list[str], *,
-              incoming: list[str] | None = None, wait: bool = False, trace: bool = True) -> list[str]:
+def qemu_argv(q: QemuBinary, name: str, qmp_path: str, ram: list[str], *, bios: str | None = None,
+              accel: str = "tcg", incoming: list[str] | None = None, wait: bool = False,
+              trace: bool = True) -> list[str]:
     """A QEMU of this scenario: a source paused at start (``-S``), or a destination on ``incoming``."""
-    argv = [q.path, "-name", name, "-accel", "tcg", *ram, "-nodefaults", "-no-user-config",
+    argv = [q.path, "-name", name, "-accel", accel, *ram, *(["-bios", bios] if bios else []),
+            "-nodefaults", "-no-user-config",
             "-display", "none", "-qmp", f"unix:{qmp_path},server=on,wait={'on' if wait else 'off'}"]
     if trace:
         argv += trace_arguments(q.trace_events)
@@ -156,40 +163,51 @@ class QemuTrial(Trial):
         self.workdir: Path | None = None
         self.src: QemuProcess | None = None
         self.dst: QemuProcess | None = None
-        self.idle_file: str | None = None
+        #: RAM files of this trial alone (removed at cleanup); the random file is the scenario's
+        self.own_files: list[str] = []
+        self.observer: ObserverProcess | None = None
+        self.observed: dict[str, Any] | None = None
+        self.migrate_ns: tuple[int, int] | None = None
+        #: CLOCK_REALTIME - CLOCK_MONOTONIC (ns) when the migration began: QMP events carry wall-clock time
+        self.clock_offset_ns = 0
 
     def timeouts(self) -> tuple[float, float, float]:
         gib = (self.spec.ram_bytes or 0) / GiB
         return 60 + 10 * gib, 60 + 30 * gib, 30.0
 
+    def _new_file(self, name: str, size: int) -> str:
+        path = self.scenario.shm_path(f"{name}-{id(self)}")
+        with open(path, "wb") as f:
+            f.truncate(size)  # sparse: zero pages until the guest writes
+        self.own_files.append(path)
+        return path
+
     async def prepare(self) -> None:
         size, mode, variant = self.spec.ram_bytes, self.spec.mode, self.spec.variant
         assert size is not None
-        mem_path = None
-        if variant == FILLED and mode != CPR:
-            mem_path = await self.scenario.ram_file(size)
-        elif mode == SHARED:
-            mem_path = self.idle_file = self.scenario.shm_path(f"idle-{id(self)}")
-            with open(mem_path, "wb") as f:
-                f.truncate(size)  # sparse: zero pages until the guest writes
+        src_ram = await self.scenario.ram_file(size) if variant == FILLED else self._new_file("idle", size)
+        # State copy writes into RAM of the destination's own; the other modes map the source's.
+        dst_ram = self._new_file("dst", size) if mode == COPIED else src_ram
+        self.ram_files = [src_ram] + ([dst_ram] if dst_ram != src_ram else [])
         self.workdir = w = Path(tempfile.mkdtemp(prefix="qemu-peer-", dir=self.ctx.tmp))
-        q = self.qemu
-        self.src = QemuProcess("src", w, qemu_argv(q, "src", str(w / "src.qmp"),
-                                                   ram_argv(mode, variant, False, size, mem_path)))
-        dst_ram = ram_argv(mode, variant, True, size, mem_path)
+        q, accel, bios = self.qemu, self.spec.accel, self.scenario.bios
+        self.src = QemuProcess("src", w, qemu_argv(q, "src", str(w / "src.qmp"), ram_argv(mode, size, src_ram),
+                                                   bios=bios, accel=accel))
+        dst_argv = ram_argv(mode, size, dst_ram)
         if mode == CPR:
             self.channels = cpr_channels(str(w / "main.sock"), str(w / "cpr.sock"))
             incoming = [json.dumps(c, separators=(",", ":")) for c in self.channels]
-            self.dst = QemuProcess("dst", w, qemu_argv(q, "dst", str(w / "dst.qmp"), dst_ram, incoming=incoming,
-                                                       wait=True), early_negotiation=True)
+            self.dst = QemuProcess("dst", w, qemu_argv(q, "dst", str(w / "dst.qmp"), dst_argv, bios=bios,
+                                                       accel=accel, incoming=incoming, wait=True),
+                                   early_negotiation=True)
             await self.src.start()
             # Its monitor comes only after the cpr state: start it now, connect during the migration.
             self.dst.spawn()
             await self._listening(w / "cpr.sock")
         else:
             self.uri = f"unix:{w}/migration.sock"
-            self.dst = QemuProcess("dst", w, qemu_argv(q, "dst", str(w / "dst.qmp"), dst_ram,
-                                                       incoming=["defer"]))
+            self.dst = QemuProcess("dst", w, qemu_argv(q, "dst", str(w / "dst.qmp"), dst_argv, bios=bios,
+                                                       accel=accel, incoming=["defer"]))
             await asyncio.gather(self.src.start(), self.dst.start())
         params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS}
         if mode == CPR:
@@ -201,11 +219,9 @@ class QemuTrial(Trial):
                         {"capability": "x-ignore-shared", "state": True}]})
                 await side.execute("migrate-set-parameters", params)
             await self.dst.execute("migrate-incoming", {"uri": self.uri})
-        if mode == CPR and variant == FILLED:
-            random = await self.scenario.ram_file(size)
-            memfd = backend_memfd(self.src.pid, size)
-            await asyncio.get_running_loop().run_in_executor(None, copy_into, random, memfd, size)
         await self.src.execute("cont")
+        self.observer = ObserverProcess(self.ram_files)
+        await asyncio.get_running_loop().run_in_executor(None, self.observer.start)
         await asyncio.sleep(GUEST_RUN_S)
 
     async def _listening(self, path: Path) -> None:
@@ -220,6 +236,21 @@ class QemuTrial(Trial):
             await asyncio.sleep(POLL_S)
 
     async def measure(self) -> dict:
+        assert self.src is not None and self.dst is not None
+        self.clock_offset_ns = clock_offset_ns()
+        start = time.monotonic_ns()
+        measured = await self._migrate()
+        self.migrate_ns = (start, time.monotonic_ns())
+        if self.observer is not None:
+            await asyncio.sleep(OBSERVER_TAIL_S)
+            observer, self.observer = self.observer, None
+            try:
+                self.observed = await asyncio.get_running_loop().run_in_executor(None, observer.stop)
+            except RuntimeError as exc:
+                self.ctx.warn(f"QEMU {self.qemu.version}: guest-progress observer: {exc}")
+        return measured
+
+    async def _migrate(self) -> dict:
         assert self.src is not None and self.dst is not None
         if self.spec.mode == CPR:
             await self.src.execute("migrate", {"channels": self.channels})
@@ -271,6 +302,7 @@ class QemuTrial(Trial):
         stops, resumes = self.src.event_times("STOP"), self.dst.event_times("RESUME")
         if stops and resumes:
             row["stop_resume_ns"] = resumes[-1] - stops[-1]
+        row.update(self.outage_fields(stops[-1] - self.clock_offset_ns if stops else None))
         timeline = qemu_timeline(src_trace, dst_trace, stop_us=stops[-1] // 1000 if stops else None,
                                  resume_us=resumes[-1] // 1000 if resumes else None)
         if timeline:
@@ -292,7 +324,25 @@ class QemuTrial(Trial):
         row["error"] = "; ".join(errors)
         return [row]
 
+    def outage_fields(self, stop_ns: int | None) -> dict[str, Any]:
+        """``outage_ns``: the observer's silence holding the STOP event; ``precopy_stall_ns``: its
+        longest silence before that, from ``migrate`` on."""
+        if self.observed is None or self.migrate_ns is None:
+            return {}
+        silences = silences_of(self.observed)
+        out: dict[str, Any] = {"observer_realtime": self.observed.get("realtime")}
+        outage = switchover_outage(silences, stop_ns, self.migrate_ns)
+        if outage is None:
+            return out
+        stall = longest_before(silences, self.migrate_ns[0], outage.start_ns)
+        out.update(outage_ns=outage.duration_ns, outage_own_ns=outage.own_gap_ns,
+                   precopy_stall_ns=stall.duration_ns if stall is not None else 0)
+        return out
+
     async def cleanup(self) -> None:
+        if self.observer is not None:
+            self.observer.kill()
+            self.observer = None
         for q in (self.src, self.dst):
             if q is None:
                 continue
@@ -302,13 +352,13 @@ class QemuTrial(Trial):
                 await q.quit()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        if self.idle_file is not None:
-            _unlink(self.idle_file)
+        for path in self.own_files:
+            _unlink(path)
 
 
 class QemuPeer(Scenario):
     name = "qemu-peer"
-    description = ("real QEMU (each version given; TCG, SeaBIOS guest running) migrating over unix sockets "
+    description = ("real QEMU (each version given; KVM and TCG, a counting guest running) migrating over unix sockets "
                    "at the ram-size sizes: RAM copied, RAM shared (x-ignore-shared), cpr-transfer (10.0+); "
                    "RAM filled with random bytes, and idle at the smallest size")
 
@@ -318,6 +368,9 @@ class QemuPeer(Scenario):
         self.prefix = f"migfd-bench-{os.getpid()}-"
         #: per QEMU version: device state of one stream saved to a file (see setup)
         self.device_state: dict[str, dict[str, Any]] = {}
+        self.accels = accels()
+        #: the guest's -bios image (written by setup)
+        self.bios: str | None = None
 
     def unavailable(self, ctx: BenchContext) -> str | None:
         try:
@@ -352,28 +405,32 @@ class QemuPeer(Scenario):
                 skipped.append({"ram_bytes": size, "reason": why})
                 continue
             variants = [FILLED] if points else [FILLED, IDLE]  # idle: the smallest size only
-            combos = [{"qemu": q, "mode": mode, "variant": variant}
-                      for variant in variants for q in self.qemus for mode in modes_of(q)]
+            combos = [{"qemu": q, "mode": mode, "variant": variant, "accel": accel}
+                      for variant in variants for accel in self.accels for q in self.qemus for mode in modes_of(q)]
             n = trials_for_size(size, ctx)
             points.append({"ram_bytes": size, "trials": n, "variants": variants})
             for item in interleave([{}], combos, n):
                 q = item["qemu"]
                 specs.append(QemuTrialSpec(self.name, item["mode"], item["trial"], variant=item["variant"],
                                            backend="ram", ram_bytes=size, n_fds=0, live=True,
-                                           options={"qemu": q.path}, peer_version=q.version))
+                                           options={"qemu": q.path}, peer_version=q.version,
+                                           accel=item["accel"]))
         return Plan(specs, {
             "points": points, "skipped_points": skipped,
             "modes": {q.version: modes_of(q) for q in self.qemus},  # the QEMUs themselves: metadata "qemus"
-            "guest": "pc, 1 vCPU, SeaBIOS under TCG, running, no boot device",
-            "ram": {COPIED: "memory-backend-ram; filled: the source maps a /dev/shm file of random bytes "
-                            "(memory-backend-file, share=off)",
-                    SHARED: "memory-backend-file on /dev/shm, share=on, x-ignore-shared on both sides; "
-                            "filled: the file of random bytes, idle: a new sparse file",
-                    CPR: "memory-backend-memfd, share=on, aux-ram-share=on; filled: random bytes copied "
-                         "into the memfd before the guest runs"},
+            "accels": self.accels,
+            "guest": "pc, 1 vCPU, a 64 KiB -bios counting a u32 at 0x7000 in real mode, running",
+            "ram": {COPIED: "memory-backend-file on /dev/shm, share=on; the destination maps a new sparse file",
+                    SHARED: "memory-backend-file on /dev/shm, share=on, the same file on both sides, "
+                            "x-ignore-shared on both sides",
+                    CPR: "memory-backend-file on /dev/shm, share=on, aux-ram-share=on; its fd handed over",
+                    "filled": "the source's file holds random bytes", "idle": "the source's file is new and sparse"},
+            "observer": "migfd observe on the RAM file(s), counter at 0x7000",
         })
 
     async def setup(self, ctx: BenchContext) -> None:
+        self.bios = str(ctx.tmp / "qemu-peer-count.bios")
+        write_counting_bios(self.bios)
         for q in self.qemus:
             self.device_state[q.version] = await self.measure_device_state(q, ctx)
 
@@ -386,9 +443,12 @@ class QemuPeer(Scenario):
         """
         work = Path(tempfile.mkdtemp(prefix="qemu-devstate-", dir=ctx.tmp))
         path = work / "stream.bin"
+        ram = self.shm_path("devstate.raw")
+        with open(ram, "wb") as f:
+            f.truncate(DEVICE_STATE_RAM)
         proc = QemuProcess("devstate", work, qemu_argv(
-            q, "devstate", str(work / "devstate.qmp"), ram_argv(COPIED, IDLE, False, DEVICE_STATE_RAM, None),
-            trace=False))
+            q, "devstate", str(work / "devstate.qmp"), ram_argv(COPIED, DEVICE_STATE_RAM, ram),
+            bios=self.bios, trace=False))
         try:
             await proc.start()
             await proc.execute("cont")
@@ -411,6 +471,7 @@ class QemuPeer(Scenario):
                 await proc.quit()
             proc.kill()
             shutil.rmtree(work, ignore_errors=True)
+            _unlink(ram)
 
     def shm_path(self, name: str) -> str:
         return os.path.join(SHM_DIR, f"{self.prefix}{name}")
@@ -440,6 +501,24 @@ class QemuPeer(Scenario):
 
     def metadata(self) -> dict[str, Any]:
         return {"device_state": self.device_state}
+
+
+def clock_offset_ns(samples: int = 5) -> int:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns: the tightest of a few readings (a sync point).
+
+    QEMU stamps its QMP events with the wall clock; the observer and migfd use
+    CLOCK_MONOTONIC. Both run on this host, so one offset taken at the
+    migration maps one onto the other.
+    """
+    best: tuple[int, int] | None = None
+    for _ in range(samples):
+        a = time.monotonic_ns()
+        wall = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, wall - (a + b) // 2)
+    assert best is not None
+    return best[1]
 
 
 def _unlink(path: str) -> None:
