@@ -336,7 +336,13 @@ class IncomingMigration(MigrationBase):
                                                 before_run=lambda: self.hook("dest-resume"))
         self.timeline.add("resume", start, time.monotonic_ns())
         with self.timeline.phase("resumed-report"):
-            self._reply(RP_RESUMED, struct.pack(">Q", self.stats.resume_ns))
+            try:
+                self._reply(RP_RESUMED, struct.pack(">Q", self.stats.resume_ns))
+            except MigrationError as exc:
+                # The guest runs here: a source that stopped listening (it gave up
+                # waiting and, past the commit point, never resumes) does not make
+                # this side's migration fail.
+                log.warning("the source did not take the resume report: %s", exc)
         self.vm.release_events()
         try:
             self._reply(ReturnPathMessage.SHUT, struct.pack(">I", 0))
