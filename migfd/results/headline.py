@@ -99,9 +99,9 @@ class Summary:
 
     def table(self) -> str:
         """The headline table in Markdown: one row per answer, downtime (and outage) beside."""
-        head = ["fd-passing against", "at", "fd-passing downtime", "its downtime", "its / fd-passing"]
+        head = ["fd-passing against", "at", "fd-passing downtime", "its downtime", "its / fd-passing's"]
         if self.has_outage:
-            head += ["fd-passing outage", "its outage", "its / fd-passing (outage)"]
+            head += ["fd-passing outage", "its outage", "its / fd-passing's outage"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for a in self.answers:
             cells = [a.against, a.where, _time(a.fd), _time(a.other), fmt_ratio(a.ratio)]
@@ -117,7 +117,8 @@ class Summary:
         """
         outage = (" Outage: the guest's progress stopped → progressing again, as an outside observer saw it."
                   if self.has_outage else
-                  " This run has no outage column (runs before issue 15): downtime only.")
+                  " This run measured no outage (runs before issue 15): downtime only, as the VMs report it; "
+                  "the outage a guest's own observer sees may be longer.")
         parts = [
             f"<a id=\"{SUMMARY_ANCHOR}\"></a>\n\n{heading} {self.title}",
             f"{self.run_line}. {note}".strip(),

@@ -171,7 +171,7 @@ def notebook_anchor(path: Path) -> str:
 
 
 #: Where the table of contents goes; :func:`link_contents` fills it once the page is rendered.
-CONTENTS_MARK = "<!-- migfd-contents -->"
+CONTENTS_ID = "contents"
 
 
 def _raw_html(text: str):
@@ -198,7 +198,7 @@ def summary_cells(summary: Summary, results: Path, metadata: dict) -> list:
                               "text/plain": "downtime (and outage) against guest RAM size"})]
     run = f"<a id=\"run\"></a>\n\n## The run\n\n{describe_run(metadata, results)}"
     return [nbformat.v4.new_markdown_cell(summary.markdown("# migfd report:", note)), figure,
-            _raw_html(f'<nav id="contents" class="migfd-contents">{CONTENTS_MARK}</nav>'),
+            _raw_html(f'<div id="{CONTENTS_ID}" class="migfd-contents"></div>'),
             nbformat.v4.new_markdown_cell(run)]
 
 
@@ -230,8 +230,9 @@ def combine(executed: list[tuple[Path, object]], results: Path, metadata: dict, 
 
 
 _HEADING_RE = re.compile(r'<h([12]) id="([^"]+)">(.*?)<a class="anchor-link"', re.S)
-# nbconvert's sanitizer may reorder the attributes of a raw HTML cell
+# nbconvert's sanitizer keeps a raw cell's <div> but may reorder its attributes
 _NOTEBOOK_RE = re.compile(r'<div[^>]*\sid="(nb-[^"]+)"[^>]*></div>')
+_CONTENTS_RE = re.compile(r'<div[^>]*\sid="%s"[^>]*></div>' % CONTENTS_ID)
 
 
 def link_contents(page: str) -> str:
@@ -251,8 +252,9 @@ def link_contents(page: str) -> str:
             for h in headings if h.group(1) == "2")
         items.append(f'<li><a href="#{mark.group(1)}">{name}</a>' + (f"<ul>{sections}</ul>" if sections else "")
                      + "</li>")
-    contents = "<h2>Contents</h2><ul>" + "".join(items) + "</ul>"
-    return page.replace(CONTENTS_MARK, contents, 1)
+    contents = (f'<nav id="{CONTENTS_ID}" class="migfd-contents"><h2>Contents</h2><ul>' + "".join(items)
+                + "</ul></nav>")
+    return _CONTENTS_RE.sub(lambda _: contents, page, count=1)
 
 
 #: The report's template: nbconvert's "lab" page, with each code cell's input in a <details>
