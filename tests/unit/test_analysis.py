@@ -26,6 +26,7 @@ from migfd.results.plots import (
 )
 from migfd.results.summary import fmt_bytes, fmt_ns, format_summary, slope_per_fd, summarize, trials_table
 from migfd.results.targets import format_targets, targets
+from migfd.stats import median_ci
 from migfd.units import GiB, MiB
 from result_rows import (
     MS,
@@ -125,8 +126,9 @@ def test_summarize_median_percentiles_n_and_failures():
     assert point["median"] == 3 * MS
     assert point["p5"] == pytest.approx(1.2 * MS)  # linear between the two lowest of five
     assert point["p95"] == pytest.approx(4.8 * MS)
-    # the median's 95% interval: inside the trials' range, around the median
-    assert 1 * MS <= point["ci_low"] < 3 * MS < point["ci_high"] <= 5 * MS
+    # the median's 95% interval (migfd.stats.median_ci: a t interval on the logs), around the median
+    ci = median_ci([1 * MS, 2 * MS, 3 * MS, 4 * MS, 5 * MS])
+    assert (point["ci_low"], point["ci_high"]) == (ci.low, ci.high) and ci.low < 3 * MS < ci.high
 
 
 def test_summarize_one_trial_has_no_interval_and_peer_versions_are_points():
@@ -202,7 +204,8 @@ def test_plot_downtime_vs_ram_series_floors_and_labels():
     line = medians_line(ax, "fd-passing, non-live")
     assert list(line.get_ydata()) == [11.0, 11.0]
     bars = error_bars(ax, "fd-passing, non-live")
-    assert bars[:, 0] == pytest.approx([10.0, 10.0]) and bars[:, 1] == pytest.approx([12.0, 12.0])
+    ci = median_ci([10.0, 11.0, 12.0])
+    assert bars[:, 0] == pytest.approx([ci.low] * 2) and bars[:, 1] == pytest.approx([ci.high] * 2)
     # the RAM floor is RAM / measured throughput: 64 MiB at 1 GiB/s = 62.5 ms
     floor = next(l for l in ax.get_lines() if l.get_label().startswith("floor: all RAM"))
     assert floor.get_ydata()[0] == pytest.approx(62.5)
@@ -271,8 +274,8 @@ def test_describe_run_and_tables():
     summary = format_summary(summarize(df[df["scenario"] == "ram-size"]))
     assert "64 MiB" in set(summary["RAM"]) and "peer_version" not in summary.columns
     cells = summary.set_index(["mode", "live", "RAM"])["median [95% CI] (ms)"]
-    assert cells[("state-copy", "non-live", "256 MiB")] == "410 [400, 420]"
-    assert cells[("fd-passing", "live", "64 MiB")] == "8.5 [8, 9]"
+    assert cells[("state-copy", "non-live", "256 MiB")] == "410 [386, 436]"
+    assert cells[("fd-passing", "live", "64 MiB")] == "8.5 [4.02, 17.9]"  # two trials: t on 1 df
     trials = trials_table(df, "tap-traffic", ["frames_lost", "max_gap_ns"])
     assert list(trials.columns) == ["mode", "variant", "trial", "frames_lost", "max_gap_ms", "ok", "error"]
     # the verdict column of the HTML table holds each target's verdict (every target's *name*

@@ -1,8 +1,11 @@
-"""``migfd compare``: its JSON shape, HTML reports as input, the page it writes, and one-line errors.
+"""``migfd compare``: its JSON shape, HTML reports as input, the page it writes, older formats, and
+one-line errors.
 
 The runs compared are the committed reference run and doctored copies of it
-(every time × 3), or small hand-made tables: FIXTURES of the comparison, not
-measurements. The statistics behind the verdicts are tested in test_stats.py.
+(every downtime and total time × 3; a column or a floor added or taken away),
+or small hand-made tables: FIXTURES of the comparison, not measurements. The
+statistics behind the verdicts are tested in test_stats.py and test_coverage.py,
+their power in test_compare_power.py.
 """
 
 from __future__ import annotations
@@ -74,21 +77,35 @@ def test_json_has_the_documented_shape(slowed_reference, capsys):
     code, out, err = run_cli(capsys, base, new, "--json")
     assert code == 0, err
     doc = json.loads(out)
-    assert set(doc) == {"base", "new", "changes"}
+    assert set(doc) == {"base", "new", "machine", "not_compared", "notes", "changes"}
     assert doc["base"]["kind"] == "directory" and doc["new"]["kernel"] == "Linux 9.9.9-doctored"
+    # the floors were not touched: the same machine, judged first
+    assert set(doc["machine"]) >= {"floor_ratio", "ci_low", "ci_high", "verdict"}
+    assert doc["machine"]["verdict"] == "same" and doc["machine"]["floor_ratio"] == pytest.approx(1.0)
+    assert doc["machine"]["ci_low"] < 1 < doc["machine"]["ci_high"] and doc["machine"]["floors"] >= 10
+    # the reference run is older than format versions: said so, and nothing else is missing
+    assert doc["base"]["format_version"] == 1 and any("BASE is format 1" in n for n in doc["notes"])
+    assert doc["not_compared"]["metrics_only_base"] == [] == doc["not_compared"]["floors_only_new"]
     # exactly the documented fields; the reference run has QEMU rows, so each change also says
-    # which QEMU its point ran (empty for migfd's own points): the versions the run has
-    assert doc["changes"] and all(list(c) == CHANGE_FIELDS + ["peer_version"] for c in doc["changes"])
+    # which QEMU its point ran (empty for migfd's own points): the versions the run has, and the
+    # accelerator (older runs: migfd's thread, QEMU's TCG)
+    assert doc["changes"] and all(list(c) == CHANGE_FIELDS + ["peer_version", "accel"] for c in doc["changes"])
     rows = pd.read_csv(base / "results.csv")
     versions = set(rows.loc[rows["scenario"] == "qemu-peer", "peer_version"].dropna().astype(str))
     assert versions and {c["peer_version"] for c in doc["changes"] if c["scenario"] == "qemu-peer"} == versions
     assert doc["base"]["points_not_in_the_other"] == 0 == doc["new"]["points_not_in_the_other"]
     down = [c for c in doc["changes"] if c["metric"] == "downtime_ns"]
     assert sum(c["verdict"] == "regressed" for c in down) >= 0.8 * len(down)
+    # the floors did not move, so over them the code regressed just as much
+    assert all(c["verdict_normalized"] == c["verdict"] or c["verdict"] != "regressed" for c in down)
+    assert sum(c["verdict_normalized"] == "regressed" for c in down) >= 0.8 * len(down)
     one = down[0]
     assert one["ratio"] == pytest.approx(3.0, rel=0.01) and one["ci_low"] <= one["ratio"] <= one["ci_high"]
     assert one["new_median"] == pytest.approx(3 * one["base_median"], rel=0.01)
-    assert isinstance(one["n_base"], int) and one["live"] in (True, False)
+    assert isinstance(one["n_base"], int) and one["live"] in (True, False) and one["kind"] == "time"
+    counts = [c for c in doc["changes"] if c["kind"] == "count"]
+    assert {c["metric"] for c in counts} == {"frames_lost", "frames_duplicated", "lines_lost", "reconnects"}
+    assert all(c["verdict_normalized"] is None and c["base_rate"] is not None for c in counts)
     # throughput fell with the tripled downtime: a regression, since more is better
     tp = [c for c in doc["changes"] if c["metric"] == "throughput_bytes_s"]
     assert tp and all(c["verdict"] in ("regressed", "inconclusive") for c in tp)
@@ -124,6 +141,9 @@ def test_out_writes_a_page_with_the_forest_plot_and_what_differed(slowed_referen
     assert page.count("data:image/png;base64,") == 1  # the forest plot, embedded
     assert "Linux 9.9.9-doctored" in page and "What else differed" in page
     assert "Points that changed" in page and "regressed" in page
+    # the machine first, then what changed, then the figure
+    assert page.index("The machine") < page.index("Points that changed") < page.index("Ratios NEW/BASE")
+    assert "the machines are alike" in page and "Over the machine's floors" in page
     assert "regressed" in out  # the text summary still goes to stdout
 
 
@@ -175,7 +195,7 @@ def test_peer_version_is_part_of_the_point_when_present():
     assert down.loc["10.0.2", "ratio"] == pytest.approx(3.0)
     without = compare(clean_results(pd.DataFrame(rows_of("chardev", [1, 2]))),
                       clean_results(pd.DataFrame(rows_of("chardev", [1, 2]))))
-    assert "peer_version" not in without.columns
+    assert "peer_version" not in without.columns and "accel" not in without.columns
     assert [list(c) for c in changes_json(without)] == [CHANGE_FIELDS] * len(without)
     assert all(list(c) == CHANGE_FIELDS + ["peer_version"] for c in changes_json(c))
 
@@ -205,8 +225,86 @@ def test_tables_and_forest_plot_of_the_changes():
     assert list(table["verdict"]) == ["regressed", "regressed", "unchanged", "unchanged"]  # changes first
     assert table.loc[0, "NEW/BASE [95% CI]"].startswith("3 [") and table.loc[0, "trials (base / new)"] == "5 / 5"
     assert len(format_changes(changes, only_changed=True)) == 2
-    fig = plot_forest(changes)
-    ax = fig.axes[0]
-    labels = [t.get_text() for t in ax.get_yticklabels()]
-    assert len(labels) == 4 and any("chardev fd-passing 64 MiB live: downtime_ns" == l for l in labels)
-    assert ax.get_xscale() == "log"
+    fig = plot_forest(changes, floor_ratio=0.9)
+    changed, every = fig.axes[:2]
+    # what changed first, one line a point; then every comparison, one row a family
+    labels = [t.get_text() for t in changed.get_yticklabels()]
+    assert sorted(labels) == ["chardev fd-passing 64 MiB live: downtime_ns", "chardev fd-passing 64 MiB live: total_ns"]
+    families = [t.get_text() for t in every.get_yticklabels()]
+    assert families == ["chardev · fd-passing · downtime_ns (1)", "chardev · fd-passing · total_ns (1)",
+                        "ram-size · fd-passing · downtime_ns (1)", "ram-size · fd-passing · total_ns (1)"]
+    assert changed.get_xscale() == "log" == every.get_xscale()
+    assert any(list(l.get_xdata()) == [0.9, 0.9] for l in every.get_lines())  # the machine's floor ratio
+
+
+def test_the_forest_plot_of_the_reference_run_fits_a_screen_or_two(slowed_reference):
+    base, new = slowed_reference
+    changes = compare(load_run(base)[0], load_run(new)[0])
+    assert len(changes) > 150
+    height_px = plot_forest(changes).get_size_inches()[1] * 100
+    assert height_px < 2000, "one row per family, not per point: was 3,571 px with a row per point"
+
+
+def doctored(tmp_path, name: str, edit) -> Path:
+    """A copy of the reference run whose results.csv went through ``edit`` (a DataFrame of strings)."""
+    if REFERENCE is None:
+        pytest.skip("no committed reference run under benchmarks/reference/")
+    out = tmp_path / name
+    shutil.copytree(REFERENCE, out)
+    df = pd.read_csv(out / "results.csv", dtype=str, keep_default_na=False)
+    edit(df).to_csv(out / "results.csv", index=False)
+    return out
+
+
+def test_an_older_run_is_compared_on_what_both_measured_and_the_output_says_so(tmp_path, capsys):
+    def newer(df):
+        # a run of the current format with a time column the reference run predates, and one floor fewer
+        df = df[df["variant"] != "memcpy"].copy()
+        df["outage_ns"] = [str(int(v) + 1000) if v else "" for v in df["downtime_ns"]]
+        df["format_version"] = "2"
+        return df
+
+    new = doctored(tmp_path, "new", newer)
+    code, out, err = run_cli(capsys, REFERENCE, new, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["base"]["format_version"], doc["new"]["format_version"]) == (1, 2)
+    assert doc["not_compared"]["metrics_only_new"] == ["outage_ns"]
+    assert doc["not_compared"]["floors_only_base"] == ["memcpy 256 MiB"]
+    assert not any(c["metric"] == "outage_ns" for c in doc["changes"])
+    notes = "\n".join(doc["notes"])
+    assert "BASE is format 1" in notes and "NEW is" not in notes
+    assert "measured only by NEW: outage_ns" in notes and "floors only in BASE: memcpy 256 MiB" in notes
+    code, out, _ = run_cli(capsys, REFERENCE, new)
+    assert "measured only by NEW: outage_ns" in out and "format 1" in out
+
+
+def test_a_new_time_column_is_compared_once_both_runs_have_it(tmp_path):
+    def with_outage(factor):
+        def edit(df):
+            df = df.copy()
+            df["outage_ns"] = [str(int(int(v) * factor)) if v else "" for v in df["downtime_ns"]]
+            df["format_version"] = "2"
+            return df
+        return edit
+
+    base = load_run(doctored(tmp_path, "base", with_outage(1)))[0]
+    new = load_run(doctored(tmp_path, "new", with_outage(3)))[0]
+    changes = compare(base, new)
+    outage = changes[changes["metric"] == "outage_ns"]
+    assert len(outage) == len(changes[changes["metric"] == "downtime_ns"]) > 20
+    assert (outage["kind"] == "time").all() and (outage["verdict"] == "regressed").mean() >= 0.8
+    assert not changes[changes["metric"] == "downtime_ns"]["verdict"].isin(["regressed", "improved"]).any()
+
+
+def test_a_newer_format_is_read_and_said(tmp_path, capsys):
+    new = doctored(tmp_path, "new", lambda df: df.assign(format_version="9"))
+    code, out, err = run_cli(capsys, REFERENCE, new, "--json")
+    assert code == 0, err
+    assert any("NEW is format 9, newer than" in n for n in json.loads(out)["notes"])
+
+
+def test_written_runs_carry_the_format_version():
+    from migfd.bench.metadata import FORMAT_VERSION
+    from migfd.bench.runner import COLUMNS
+    assert "format_version" in COLUMNS and FORMAT_VERSION >= 2
