@@ -20,7 +20,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from migfd.accel import ACCELERATORS, Accelerator, GuestConfig, ThreadAccelerator, create
 from migfd.devices import Device, MemoryBackendMemfd, RunControl, from_options
+from migfd.devices.options import opt_size
 from migfd.errors import MigrationError, QMPError
 from migfd.faults import FaultInjector
 from migfd.fds import close_fd
@@ -39,6 +41,10 @@ FD_TABLE_RESERVE = 1024
 MIGRATION_IN_PROGRESS = "There's a migration process in progress"
 #: parameters that shape the stream: fixed once a stream has started
 STREAM_SHAPING = ("backend_transfer", "x_batch_fds")
+#: defaults of --accel and --guest-duty from the environment: a test suite or a benchmark
+#: sets them once for every VM it starts
+ENV_ACCEL = "MIGFD_ACCEL"
+ENV_GUEST_DUTY = "MIGFD_GUEST_DUTY"
 #: the migration capabilities migfd knows (QEMU's MigrationCapability names)
 CAPABILITIES = ("events", "backend-transfer")
 
@@ -47,8 +53,11 @@ class VM:
     """The state a QMP monitor of one VM process sees and changes."""
 
     def __init__(self, name: str, devices: list[Device], *, machine: str = DEFAULT_MACHINE,
-                 incoming: bool = False):
-        ids = [d.section_name for d in devices]
+                 incoming: bool = False, accel: Accelerator | None = None):
+        #: who runs the guest's CPU work (migfd.accel); its CPU state devices migrate with the rest
+        self.accel = accel if accel is not None else ThreadAccelerator(GuestConfig())
+        devices = devices + self.accel.attach([d for d in devices if isinstance(d, MemoryBackendMemfd)])
+        ids = [d.section_key for d in devices]
         if len(set(ids)) != len(ids):
             raise MigrationError("device ids must be unique")
         self.name = name
@@ -120,15 +129,14 @@ class VM:
             for dev in opened:
                 dev.close()
             raise
+        self.accel.setup_firmware()
         self._start_guest_threads()
         self.vm_start()
 
     def _start_guest_threads(self) -> None:
         for dev in self.devices:
             dev.start_guest(self.ctl)
-        ram = [d for d in self.devices if isinstance(d, MemoryBackendMemfd)]
-        if ram:
-            ram[0].start_progress(self.ctl)  # the first backend is guest RAM from address 0
+        self.accel.start(self.ctl)  # parked, as the guest threads: the VM's run state runs them
 
     def vm_stop(self, runstate: str = "paused") -> int:
         """Park every guest thread; returns CLOCK_MONOTONIC ns of the stop."""
@@ -163,7 +171,8 @@ class VM:
             return resume_ns
 
     def shutdown(self) -> None:
-        self.ctl.close()
+        self.ctl.close()  # no vCPU runs from here on
+        self.accel.close()
         if isinstance(self.migration, IncomingMigration):
             self.migration.close()
         for dev in self.devices:
@@ -329,7 +338,7 @@ class VM:
     def qmp_query_guest(self, args: dict) -> dict:
         """migfd's own: what the guest workload did, and RAM verification on request."""
         out: dict[str, Any] = {"status": self.runstate, "pid": os.getpid(),
-                               "devices": [d.info() for d in self.devices]}
+                               "devices": [d.info() for d in self.devices], "accel": self.accel.info()}
         if args.get("verify"):
             # A running guest changes pages while they are read: check a still image.
             with self._lock:
@@ -395,14 +404,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chardev", action="append", default=[], metavar="socket,...")
     p.add_argument("--dirty-rate", type=int, default=0, metavar="BYTES_PER_S",
                    help="how fast the guest dirties RAM")
+    p.add_argument("--accel", choices=ACCELERATORS, default=os.environ.get(ENV_ACCEL) or None,
+                   help="who runs the guest: kvm (the default; falls back to thread, with the "
+                        f"reason in x-query-guest, where /dev/kvm does not work) or thread; "
+                        f"default from ${ENV_ACCEL}")
+    p.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (kvm)")
+    p.add_argument("--guest-duty", type=float, default=float(os.environ.get(ENV_GUEST_DUTY) or 1.0),
+                   metavar="FRACTION",
+                   help="the part of each period a vCPU runs; the rest it idles in the VMM (kvm; "
+                        "default 1: it spins, holding a core, as QEMU's counting guest does; "
+                        f"default from ${ENV_GUEST_DUTY})")
+    p.add_argument("--guest-duty-period-us", type=int, default=1000, metavar="US",
+                   help="the duty cycle's period (kvm)")
+    p.add_argument("--guest-working-set", default="0", metavar="SIZE",
+                   help="how much of the first RAM backend the guest stamps, from its first data "
+                        "page (kvm; default 0: all of it below 4 GiB)")
 
 
 def build_vm(args: argparse.Namespace) -> VM:
+    config = GuestConfig(smp=args.smp, dirty_rate_bytes_s=args.dirty_rate,
+                         working_set_bytes=opt_size(args.guest_working_set), duty=args.guest_duty,
+                         duty_period_us=args.guest_duty_period_us)
+    accel = create(args.accel, config)
+    log.info("accelerator %s%s", accel.name,
+             f" (asked for {accel.requested}: {accel.fallback_reason})" if accel.fallback_reason else "")
+    # Under kvm the guest's code dirties RAM; the backends' own dirtying threads stay idle.
+    dirty_rate = args.dirty_rate if accel.name == "thread" else 0
     devices: list[Device] = []
-    for group in ("object", "netdev", "chardev"):
-        for text in getattr(args, group):
-            devices.append(from_options(group, text, dirty_rate_bytes_s=args.dirty_rate))
-    return VM(args.name, devices, machine=args.machine, incoming=args.incoming is not None)
+    try:
+        for group in ("object", "netdev", "chardev"):
+            for text in getattr(args, group):
+                devices.append(from_options(group, text, dirty_rate_bytes_s=dirty_rate))
+        return VM(args.name, devices, machine=args.machine, incoming=args.incoming is not None,
+                  accel=accel)
+    except BaseException:
+        accel.close()
+        raise
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from this file.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import tempfile
@@ -78,6 +79,25 @@ def tcp_listener():
 
 
 # -- the two halves ----------------------------------------------------------------------
+
+
+#: the duty cycle of every KVM guest the suite starts (``migfd vm --guest-duty``, by the
+#: environment its VMs inherit): spinning, each vCPU would hold a core of this 2-core
+#: machine for the whole test; at 0.1 it runs 100 µs of every ms and still dirties RAM
+#: at the asked rate (it catches up after each idle part)
+SUITE_GUEST_DUTY = "0.1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guest_duty():
+    os.environ.setdefault("MIGFD_GUEST_DUTY", SUITE_GUEST_DUTY)
+    yield
+
+
+@pytest.fixture
+def thread_accel(monkeypatch):
+    """The VMs this test starts run their guest on the thread accelerator (``MIGFD_ACCEL``)."""
+    monkeypatch.setenv("MIGFD_ACCEL", "thread")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from migfd.accel.kvm import probe as kvm_probe
 from migfd.net.tun import TUN_DEVICE_PATH
 from migfd.peers import tapnet
 from migfd.peers.process import VMProcess, proc_fds
@@ -65,6 +66,9 @@ IS_ROOT = os.geteuid() == 0
 HAVE_TAP = IS_ROOT and _has_capabilities(CAP_NET_ADMIN, CAP_SYS_ADMIN) and _tun_usable()
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+#: why KVM cannot run a guest here ("" when it can)
+KVM_UNUSABLE = kvm_probe()
+needs_kvm = pytest.mark.skipif(bool(KVM_UNUSABLE), reason=f"needs a working /dev/kvm: {KVM_UNUSABLE}")
 needs_tap = pytest.mark.skipif(
     not HAVE_TAP,
     reason="needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN and a usable /dev/net/tun "
@@ -171,6 +175,7 @@ TAP_TXQLEN = tapnet.TAP_TXQLEN
 
 
 def _device_vmsds(name: str, instance_id: int, version_id: int):
+    from migfd.accel.vcpu import CPU_VMSD
     from migfd.devices.chardev import VMSD as CHARDEV_VMSD
     from migfd.devices.memfd import VMSD as MEMFD_VMSD
     from migfd.devices.tap import VMSD as TAP_VMSD
@@ -178,6 +183,8 @@ def _device_vmsds(name: str, instance_id: int, version_id: int):
 
     if name == MIGRATION_SECTION:
         return MIGRATION_VMSD
+    if name == CPU_VMSD.name:  # a KVM guest's vCPUs, one instance each
+        return CPU_VMSD
     for vmsd in (CHARDEV_VMSD, MEMFD_VMSD, TAP_VMSD):
         if name.endswith("/" + vmsd.name):
             return vmsd

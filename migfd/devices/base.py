@@ -139,6 +139,8 @@ class RunControl:
         self._guests: list[GuestThread] = []
         self._locks: list[threading.Lock] = []
         self._threads: list[threading.Thread] = []
+        #: what runs guest code outside the turns (vCPUs): stopped first, resumed last
+        self._runners: list[Any] = []
 
     @property
     def running(self) -> bool:
@@ -159,19 +161,38 @@ class RunControl:
         thread.start()
         return guest
 
+    def add_runner(self, runner: Any) -> None:
+        """Something that runs guest code by itself (an accelerator's vCPUs): ``pause(timeout_s)``,
+        ``resume()``, ``shutdown()``. It starts stopped; :meth:`resume` runs it with the VM."""
+        with self._state:
+            self._runners.append(runner)
+
     def pause(self, timeout_s: float = 10.0) -> None:
-        """Stop every guest thread: returns when none can touch a backend any more."""
+        """Stop every vCPU, then every guest thread: returns when none can touch a backend any more."""
         with self._state:
             if not self._running:
                 return
             self._running = False
             locks = list(self._locks)
+            runners = list(self._runners)
         deadline = time.monotonic() + timeout_s
+        # As QEMU's vm_stop: the vCPUs first, so no guest code runs while the devices stop.
+        for done, runner in enumerate(runners):
+            try:
+                runner.pause(max(deadline - time.monotonic(), 0.0))
+            except BaseException:
+                for paused in runners[:done]:
+                    paused.resume()
+                with self._state:
+                    self._running = True
+                raise
         taken: list[threading.Lock] = []
         for lock in locks:
             if not lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
                 for held in taken:
                     held.release()
+                for runner in runners:
+                    runner.resume()
                 with self._state:
                     self._running = True
                 raise MigrationError(f"guest threads did not stop within {timeout_s} s")
@@ -184,6 +205,7 @@ class RunControl:
             self._running = True
             guests = list(self._guests)
             locks = list(self._locks)
+            runners = [] if self.quitting else list(self._runners)
         # Threads blocked in poll look at their backends again (a destination's
         # backends arrived while they waited); woken first, they wait at their
         # turn, which the releases below give them.
@@ -191,9 +213,15 @@ class RunControl:
             guest.wake()
         for lock in locks:
             lock.release()
+        for runner in runners:  # the devices are ready: the vCPUs run last
+            runner.resume()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Make every guest thread exit and wait for it."""
+        """Make every vCPU and guest thread exit and wait for it; no vCPU runs guest code again."""
+        with self._state:
+            runners, self._runners = list(self._runners), []
+        for runner in runners:
+            runner.shutdown()
         self.quitting = True
         self.resume()  # a stopped thread must get its turn to see that it quits
         for guest in list(self._guests):
@@ -208,8 +236,18 @@ class RunControl:
             guest.close()
 
 
+def section_key(name: str, instance_id: int) -> str:
+    """A section's idstr, with its instance id when that is not 0 ("cpu", "cpu:1", ...)."""
+    return name if instance_id == 0 else f"{name}:{instance_id}"
+
+
+def section_key(name: str, instance_id: int) -> str:
+    """A section's idstr, with its instance id when that is not 0 ("cpu", "cpu:1", ...)."""
+    return name if instance_id == 0 else f"{name}:{instance_id}"
+
+
 class Device:
-    """Base of the three backends; subclasses define ``vmsd`` and the hooks."""
+    """Base of every device (backends, vCPU state); subclasses define ``vmsd`` and the hooks."""
 
     #: the QEMU option group it is given with (-object, -netdev, -chardev)
     kind = ""
@@ -227,10 +265,18 @@ class Device:
         for guest in self.guests:
             guest.leave_poll()
 
+    #: the section's instance id (QEMU numbers the "cpu" sections by vCPU index)
+    instance_id = 0
+
     @property
     def section_name(self) -> str:
         """The section idstr, in QEMU's "<id>/<vmsd name>" form."""
         return f"{self.id}/{self.vmsd.name}"
+
+    @property
+    def section_key(self) -> str:
+        """What tells this device's section apart from every other (see :func:`section_key`)."""
+        return section_key(self.section_name, self.instance_id)
 
     def handover(self, params_backend_transfer: bool) -> bool:
         """Whether this migration hands the backend over instead of copying state."""

@@ -7,8 +7,10 @@ area (:mod:`migfd.layout`; also guest RAM, so it migrates like the rest)
 keeps the current generation of every page. A page that arrived stale, torn
 or at the wrong place fails :meth:`MemoryBackendMemfd.verify`.
 
-The dirty bitmap is kept by the workload itself (it is the only writer), as
-KVM's dirty log would be for a real guest.
+The dirty bitmap (a byte a page) holds what the VMM itself writes: the
+thread accelerator's stamps and counter, all pages at the start of a
+migration. Under KVM the guest's own writes come from KVM's dirty log
+(:attr:`MemoryBackendMemfd.dirty_log`), merged into it at each sync.
 """
 
 from __future__ import annotations
@@ -30,7 +32,20 @@ import numpy as np
 from migfd.devices.base import Device, GuestThread, RunControl
 from migfd.errors import MigrationError
 from migfd.fds import close_fd
-from migfd.layout import FIRMWARE_BYTES, GUEST_PROGRESS_ADDR, TABLE_ADDR, first_data_page, table_pages
+from migfd.layout import (
+    C_DIRTIED,
+    C_INFLIGHT,
+    FIRMWARE_BYTES,
+    GUEST_PROGRESS_ADDR,
+    MAILBOX_ADDR,
+    MAILBOX_MAGIC,
+    MAX_VCPUS,
+    MB_MAGIC,
+    TABLE_ADDR,
+    first_data_page,
+    percpu_addr,
+    table_pages,
+)
 from migfd.stream import TARGET_PAGE_SIZE, Fd, Subsection, UInt64, VMStateDescription
 
 PAGE = TARGET_PAGE_SIZE
@@ -87,6 +102,10 @@ class MemoryBackendMemfd(Device):
         self._dirty_lock = threading.Lock()
         self._rng = random.Random(seed)
         self.pages_dirtied = 0
+        #: where the guest's own writes are logged when the VMM does not make them
+        #: (KVM's dirty log: ``start()``, ``stop()``, ``collect(bitmap)``, ``info()``); None:
+        #: every write to this RAM is the VMM's and marks the bitmap itself
+        self.dirty_log: Any = None
 
     @property
     def block_id(self) -> str:
@@ -234,6 +253,7 @@ class MemoryBackendMemfd(Device):
         assert self.map is not None
         words = np.frombuffer(self.map, dtype="<u8").reshape(self.npages, PAGE // 8)
         table = self._table()
+        in_flight = self.pages_in_flight()
         stamped_pages = 0
         bad_pages = 0
         first_bad: int | None = None
@@ -250,6 +270,9 @@ class MemoryBackendMemfd(Device):
             blank = np.flatnonzero(~stamped)
             if blank.size:
                 good[blank] = ~rows[blank].any(axis=1)
+            for page in in_flight:
+                if start <= page < stop:
+                    good[page - start] = True  # half-stamped by a stopped vCPU: not yet a page to check
             bad = np.flatnonzero(~good)
             stamped_pages += int(stamped.sum())
             bad_pages += int(bad.size)
@@ -260,6 +283,8 @@ class MemoryBackendMemfd(Device):
                   "pages-stamped": stamped_pages, "bad-pages": bad_pages}
         if first_bad is not None:
             result["first-bad-page"] = first_bad
+        if in_flight:
+            result["pages-in-flight"] = len(in_flight)
         del words, table
         return result
 
@@ -274,15 +299,39 @@ class MemoryBackendMemfd(Device):
         with self._dirty_lock:
             self._dirty[:] = b"\x01" * self.npages
 
+    def start_dirty_log(self) -> None:
+        """A migration copies this RAM: log the guest's writes from now on, every page dirty
+        to begin with (QEMU's ram_init_bitmaps: the log starts before the bitmap is filled)."""
+        if self.dirty_log is not None:
+            self.dirty_log.start()
+        self.mark_all_dirty()
+
+    def stop_dirty_log(self) -> None:
+        """The migration is over here (failed or cancelled): the guest runs unlogged again."""
+        if self.dirty_log is not None:
+            self.dirty_log.stop()
+
+    def _collect_dirty_log(self) -> None:
+        """Merge the guest's logged writes into the bitmap (under ``_dirty_lock``)."""
+        if self.dirty_log is not None:
+            view = np.frombuffer(self._dirty, dtype=np.uint8)
+            try:
+                self.dirty_log.collect(view)
+            finally:
+                del view
+
     def sync_dirty_bitmap(self) -> np.ndarray:
         """Indices of pages dirtied since the last sync, in order; the log is cleared (QEMU's bitmap sync)."""
         with self._dirty_lock:
+            self._collect_dirty_log()
             snapshot = bytes(self._dirty)
             self._dirty[:] = bytes(self.npages)
         return np.flatnonzero(np.frombuffer(snapshot, dtype=np.uint8))
 
     def dirty_pages(self) -> int:
+        """Pages dirty now (the guest's logged writes included; they stay in the bitmap)."""
         with self._dirty_lock:
+            self._collect_dirty_log()
             return self._dirty.count(1)
 
     def pages_array(self) -> np.ndarray:
@@ -357,7 +406,30 @@ class MemoryBackendMemfd(Device):
         self._adopt(fd)
 
     def info(self) -> dict[str, Any]:
-        return {"id": self.id, "size": self.size, "pages-dirtied": self.pages_dirtied}
+        out = {"id": self.id, "size": self.size, "pages-dirtied": self.pages_dirtied + self.guest_stamps()}
+        out["dirty-log"] = self.dirty_log.info() if self.dirty_log is not None else {"source": "vmm"}
+        return out
+
+    def _mailbox_cpus(self) -> int:
+        """vCPUs whose state the KVM guest keeps in this RAM's mailbox (0: no such guest here)."""
+        if self.map is None:
+            return 0
+        magic, ncpus = struct.unpack_from("<II", self.map, MAILBOX_ADDR + MB_MAGIC)
+        return min(ncpus, MAX_VCPUS) if magic == MAILBOX_MAGIC else 0
+
+    def guest_stamps(self) -> int:
+        """Pages the KVM guest's code stamped (its counters live in guest RAM, so they migrate)."""
+        return sum(struct.unpack_from("<Q", self.map, percpu_addr(i) + C_DIRTIED)[0]  # type: ignore[arg-type]
+                   for i in range(self._mailbox_cpus()))
+
+    def pages_in_flight(self) -> list[int]:
+        """Pages a stopped KVM guest was caught stamping (it finishes them when it runs again)."""
+        out = []
+        for i in range(self._mailbox_cpus()):
+            (page,) = struct.unpack_from("<I", self.map, percpu_addr(i) + C_INFLIGHT)  # type: ignore[arg-type]
+            if page:
+                out.append(page - 1)
+        return out
 
 
 def _fine_timer_slack() -> None:

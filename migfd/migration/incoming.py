@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from migfd.channel import QEMUFile
+from migfd.devices.base import section_key
 from migfd.errors import MigrationError
 from migfd.fds import close_fd
 from migfd.migration.base import (
@@ -94,7 +95,7 @@ class IncomingMigration(MigrationBase):
         #: fds received in device sections and not yet adopted by a device
         self._received: set[int] = set()
         self.return_path = False
-        self._by_section = {d.section_name: d for d in vm.devices}
+        self._by_section = {d.section_key: d for d in vm.devices}  # "cpu" sections differ by instance
         self._by_block = {d.block_id: d for d in self.ram_devices()}
         #: when the RAM section being read began (None: not inside one)
         self._ram_section_start: int | None = None
@@ -135,7 +136,7 @@ class IncomingMigration(MigrationBase):
     def _lookup(self, name: str, instance_id: int, version_id: int) -> VMStateDescription | None:
         if name == MIGRATION_SECTION:
             return MIGRATION_VMSD
-        dev = self._by_section.get(name)
+        dev = self._by_section.get(section_key(name, instance_id))
         return dev.vmsd if dev is not None else None
 
     def _run(self) -> None:
@@ -267,9 +268,10 @@ class IncomingMigration(MigrationBase):
                 self.stats.normal_pages += 1
         elif isinstance(event, SectionFull):
             self.timeline.add(f"load:{event.name}", start_ns, parsed_ns)
-            if event.name in self._states:
-                raise MigrationError(f"section '{event.name}' arrived twice")
-            self._states[event.name] = (event.state, event.fds)
+            key = section_key(event.name, event.instance_id)
+            if key in self._states:
+                raise MigrationError(f"section '{key}' arrived twice")
+            self._states[key] = (event.state, event.fds)
             self._received.update(event.fds)
         elif isinstance(event, SectionHeader):
             self._ram_section_start = start_ns
@@ -319,7 +321,7 @@ class IncomingMigration(MigrationBase):
         with tl.phase("load-devices"):
             for dev in self.vm.devices:
                 start = time.monotonic_ns()
-                state, fds = self._states[dev.section_name]
+                state, fds = self._states[dev.section_key]
                 dev.load_state(state, fds)  # validates first; on success the device owns fds
                 self._received.difference_update(fds)
                 tl.add(f"post-load:{dev.section_name}", start, time.monotonic_ns())

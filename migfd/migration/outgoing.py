@@ -124,7 +124,7 @@ class OutgoingMigration(MigrationBase):
             w.write_open_return_path()
         ram = self.copied_ram()
         for dev in ram:
-            dev.mark_all_dirty()
+            dev.start_dirty_log()  # KVM logs the guest's writes from here; every page dirty first
         w.write_ram_start([RamBlock(d.block_id, d.size) for d in ram])
         if self.return_path:
             # Wait until the destination has read this far: its connection, its
@@ -240,7 +240,7 @@ class OutgoingMigration(MigrationBase):
                     dev.detach()
                     self.detached.append(dev)
                 self.hook(f"device-{dev.id}")
-                w.write_section_full(dev.section_name, 0, dev.vmsd, dev.save_state(handover))
+                w.write_section_full(dev.section_name, dev.instance_id, dev.vmsd, dev.save_state(handover))
                 sections.lap(f"save:{dev.section_name}")
             # Like QEMU's globalstate: a guest paused before the migration stays paused.
             w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD,
@@ -367,6 +367,7 @@ class OutgoingMigration(MigrationBase):
         if self.stopped_here:
             self.vm.vm_start()
         for dev in self.copied_ram():
+            dev.stop_dirty_log()  # the guest runs unlogged again
             dev.mark_all_dirty()
         self.stats.error = "; ".join([message] + problems)
         return MigrationStatus.CANCELLED if self.cancel_requested.is_set() else MigrationStatus.FAILED
