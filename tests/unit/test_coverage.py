@@ -2,7 +2,7 @@
 
 A simulation, seeded: trials are drawn from lognormal distributions whose
 log-spreads are those the committed reference run measured, point by point
-(times of every scenario, 0.04 to 1.8; median about 0.2), at 3 to 8 trials,
+(times of every scenario, 0.03 to 1.8; median about 0.2), at 3 to 8 trials,
 and each interval is checked against the median it should hold. The
 spreads are read from the reference run; the draws are FIXTURES of the
 statistics, not measurements.
