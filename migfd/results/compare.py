@@ -427,8 +427,9 @@ def compare(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     is hierarchical (families, then points) across every row returned, and
     ``verdict`` comes from :func:`migfd.stats.change`. ``ratio_normalized`` is
     the ratio over the machine's floor ratio of its kind (time floors for times,
-    throughput floors for throughput; counts and floorless comparisons: NaN),
-    judged the same way in ``verdict_normalized``.
+    throughput floors for throughput; without floors in common: NaN), judged
+    the same way in ``verdict_normalized``; a count, a rate per unit sent, keeps
+    its ratio and verdict there.
     """
     keys = _keys(base, new)
     columns = _columns(keys)
@@ -441,7 +442,8 @@ def compare(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     families = [r.family for r in rows]
     adjusted = hierarchical_adjust(families, [r.test.p_value for r in rows])
     by_kind = {TIME: ma.time, RATE: ma.throughput}
-    norm = [normalized(r.test, by_kind[r.kind]) if r.kind in by_kind else NO_TEST for r in rows]
+    # a count is a rate per frame or line sent: no floor scales it, so its verdict stands as it is
+    norm = [normalized(r.test, by_kind[r.kind]) if r.kind in by_kind else r.test for r in rows]
     adjusted_norm = hierarchical_adjust(families, [t.p_value for t in norm])
     records = []
     for row, p, nt, pn in zip(rows, adjusted, norm, adjusted_norm):
