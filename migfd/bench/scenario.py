@@ -423,12 +423,7 @@ class VMTrial(Trial):
     def observer_phases(self, origin_ns: int) -> list[dict[str, Any]]:
         """The guest's silence around the switchover as the observer saw it, on the timeline's clock."""
         outage: Silence | None = getattr(self, "_outage", None)
-        if outage is None:
-            return []
-        return [{"side": "observer", "phase": "guest-outage", "start_ns": outage.start_ns - origin_ns,
-                 "end_ns": outage.end_ns - origin_ns},
-                {"side": "observer", "phase": "first-progress", "start_ns": outage.end_ns - origin_ns,
-                 "end_ns": outage.end_ns - origin_ns}]
+        return observer_phases(outage, origin_ns) if outage is not None else []
 
     def echo_fields(self, result: MigrationResult, arrivals_ns, own) -> dict[str, Any]:
         """A backend client's silence around the switchover (last echo at the stop to first at the resume)."""
@@ -541,6 +536,15 @@ class VMTrial(Trial):
 
     async def after_cleanup(self) -> None:
         """Hook: remove what before_start created."""
+
+
+def observer_phases(outage: Silence, origin_ns: int) -> list[dict[str, Any]]:
+    """The observer's lane of a trial's timeline: the guest's silence around the switchover
+    (``guest-outage``) and the instant it ran again (``first-progress``), ``origin_ns`` the timeline's 0."""
+    return [{"side": "observer", "phase": "guest-outage", "start_ns": outage.start_ns - origin_ns,
+             "end_ns": outage.end_ns - origin_ns},
+            {"side": "observer", "phase": "first-progress", "start_ns": outage.end_ns - origin_ns,
+             "end_ns": outage.end_ns - origin_ns}]
 
 
 async def query_accel(vm: VMProcess) -> str:

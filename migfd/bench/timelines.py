@@ -1,9 +1,10 @@
 """The timelines of a benchmark run: ``timelines.csv`` and one Trace Event Format file per trial.
 
 A result row may carry a ``timeline``: a list of ``{side, phase, start_ns,
-end_ns}`` (side ``source`` or ``destination``, ns relative to the source's
-stop; migfd VMs report it in query-migrate's ``x-timeline``, real QEMU's rows
-derive it from QEMU's trace). :class:`TimelineWriter` writes it twice, beside
+end_ns}`` (side ``source``, ``destination`` or ``observer``, ns relative to the
+source's stop; migfd VMs report it in query-migrate's ``x-timeline``, real
+QEMU's rows derive it from QEMU's trace, the guest-progress observer adds the
+guest's silence around the switchover). :class:`TimelineWriter` writes it twice, beside
 ``results.csv`` (docs/RESULTS.md):
 
 ``timelines.csv``
@@ -11,7 +12,8 @@ derive it from QEMU's trace). :class:`TimelineWriter` writes it twice, beside
 ``traces/<trial_id>.json``
     the Trace Event Format (JSON object form) that Perfetto and
     chrome://tracing open: complete events (``ph`` "X", ``ts``/``dur`` in µs)
-    on two processes, pid 1 the source and pid 2 the destination, named by
+    on three processes, pid 1 the source, pid 2 the destination and pid 3
+    the outside observer, named by
     ``process_name`` metadata events. A viewer needs the events of one thread
     to nest, and the phases of a side need not (the destination reads the
     next record while a RAM section is still open), so each side's phases go
@@ -33,9 +35,9 @@ from typing import Any, Iterable
 
 #: timelines.csv columns, in order
 TIMELINE_COLUMNS = ("trial_id", "side", "phase", "start_ns", "end_ns")
-SIDES = ("source", "destination")
+SIDES = ("source", "destination", "observer")
 #: pid of each side in the traces
-PIDS = {"source": 1, "destination": 2}
+PIDS = {"source": 1, "destination": 2, "observer": 3}
 TRACES_DIR = "traces"
 #: row fields copied into a trace's otherData
 TRACE_ROW_FIELDS = ("trial_id", "scenario", "mode", "variant", "backend", "ram_bytes", "n_fds",
@@ -48,7 +50,7 @@ def phases_of(row: dict[str, Any]) -> list[dict[str, Any]]:
     for entry in row.get("timeline") or ():
         side = entry["side"]
         if side not in PIDS:
-            raise ValueError(f"timeline side {side!r} is neither 'source' nor 'destination'")
+            raise ValueError(f"timeline side {side!r} is not one of {', '.join(SIDES)}")
         start, end = int(entry["start_ns"]), int(entry["end_ns"])
         if end < start:
             raise ValueError(f"phase {entry['phase']!r} ends before it starts")

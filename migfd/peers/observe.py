@@ -135,13 +135,17 @@ class Silence:
         return self.start_ns < end_ns and start_ns < self.end_ns
 
 
-def progress_times(times_ns: np.ndarray, values: np.ndarray, sustained: int = SUSTAINED_INTERVALS) -> np.ndarray:
+def progress_times(times_ns: np.ndarray, values: np.ndarray, sustained: int = SUSTAINED_INTERVALS,
+                   own_limit_ns: int | None = None) -> np.ndarray:
     """Sample times at which some counter made sustained progress (see the module docstring).
 
     ``values`` is (samples, counters), -1 where a counter could not be read
     (its RAM had not appeared yet). Sample ``k`` shows progress on a counter
     when it changed since sample ``k-1`` inside a run of ``sustained``
-    consecutive changes of that counter.
+    consecutive changes of that counter. An interval longer than
+    ``own_limit_ns`` (the observer did not run) is no evidence of progress:
+    what happened inside it is unknown, so a silence spans it, marked as the
+    observer's own.
     """
     times_ns = np.asarray(times_ns, dtype=np.int64)
     values = np.asarray(values, dtype=np.int64)
@@ -153,6 +157,8 @@ def progress_times(times_ns: np.ndarray, values: np.ndarray, sustained: int = SU
     readable = values >= 0
     changed = np.zeros(values.shape, dtype=np.int64)
     changed[1:] = (values[1:] != values[:-1]) & readable[1:] & readable[:-1]
+    if own_limit_ns is not None:
+        changed[1:][np.diff(times_ns) > own_limit_ns] = 0
     # runs: a window of ``sustained`` samples that all changed marks every one of them
     csum = np.vstack([np.zeros((1, changed.shape[1]), dtype=np.int64), np.cumsum(changed, axis=0)])
     full = (csum[sustained:] - csum[:-sustained]) == sustained  # window starting at k
@@ -319,7 +325,7 @@ class Observation:
     own: OwnGaps
 
     def silences(self, min_silence_ns: int = DEFAULT_MIN_SILENCE_NS) -> list[Silence]:
-        progress = progress_times(self.times_ns, self.values)
+        progress = progress_times(self.times_ns, self.values, own_limit_ns=self.own.limit_ns)
         return silences_between(progress, min_silence_ns, self.own)
 
     def resolution(self) -> dict[str, int]:

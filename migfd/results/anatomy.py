@@ -9,6 +9,11 @@ running, on either side (the innermost, most specific one), unless it only
 waits for the other side (``wait-*``); instants no phase covers are
 "unaccounted". The stacked bars show, per mode, the median of each
 phase's share over the trials; the Gantt chart shows one whole trial.
+
+The window runs to the guest's first progress as an outside observer saw it
+(the ``observer`` side's ``first-progress``, migfd and QEMU alike) when the
+trial has one, not only to the resume the destination reports: what sits
+between the two is part of the outage, and the bars show it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from migfd.results.summary import fmt_bytes, fmt_ns, live_label, mode_label, qem
 
 TIMELINE_COLUMNS = ["trial_id", "side", "phase", "start_ns", "end_ns"]
 UNACCOUNTED = "unaccounted"
-SIDES = ("source", "destination")
+SIDES = ("source", "destination", "observer")
 #: The scenarios whose trials the anatomy explains, the first one the run has timelines of:
 #: RAM + TAP + chardev (the three backends handed over together), else RAM + chardev, else
 #: RAM alone (ram-size at its smallest size, live as the other two).
@@ -63,6 +68,8 @@ PHASE_GROUPS: tuple[tuple[str, str, str], ...] = (
     ("destination", "bh-wait", "resume the guest"),
     ("destination", "announce", "resume the guest"),
     ("destination", "vm-start", "resume the guest"),
+    # the outside observer (migfd.peers.observe): the guest's silence, where nothing else explains it
+    ("observer", "guest-outage", "guest not running yet (observer)"),
 )
 
 
@@ -137,11 +144,20 @@ def series_of(rows: pd.DataFrame) -> pd.Series:
 
 
 def window_end_ns(phases: pd.DataFrame, downtime_ns: float) -> float:
-    """Where the guest runs again on the trial's own clock: QEMU's RESUME event if its trace has it.
+    """Where the guest runs again on the trial's own clock: its first progress as the observer saw
+    it, and no earlier than the resume reported (QEMU: its RESUME event, if its trace has it).
 
     QEMU's timeline starts at ``src-downtime-start``, a little before its STOP
     event, so STOP→RESUME measured from 0 would end too early.
     """
+    resume = phases[(phases["side"] == "destination") & (phases["phase"] == "RESUME")]
+    end = float(resume["start_ns"].iloc[0]) if len(resume) else float(downtime_ns)
+    first = phases[(phases["side"] == "observer") & (phases["phase"] == "first-progress")]
+    return max(end, float(first["start_ns"].iloc[0])) if len(first) else end
+
+
+def reported_end_ns(phases: pd.DataFrame, downtime_ns: float) -> float:
+    """Where the downtime the VMs report ends (QEMU: its RESUME event), whatever the observer saw."""
     resume = phases[(phases["side"] == "destination") & (phases["phase"] == "RESUME")]
     return float(resume["start_ns"].iloc[0]) if len(resume) else float(downtime_ns)
 
@@ -277,11 +293,12 @@ def plot_anatomy(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | Non
         ax_abs.text(left / 1e6, i, f"  {fmt_ns(left)} (n={int(sub['n'].iloc[0])})", va="center", fontsize=8)
     ax_abs.set_yticks(range(len(modes)), modes)
     ax_abs.invert_yaxis()
-    ax_abs.set_xlabel("ms from the source's stop (sum of the median share of each phase)")
+    ax_abs.set_xlabel("ms from the source's stop to the guest's first progress (sum of the median share of "
+                      "each phase)")
     ax_rel.set_xlabel("% of the bar")
     ax_rel.set_xlim(0, 100)
-    fig.suptitle(f"Where the downtime goes ({describe_point(rows)}): each instant to the innermost "
-                 "running phase, summed by step; bars are sums of per-step medians", fontsize=10)
+    fig.suptitle(f"Where the outage goes ({describe_point(rows)}): stop → first guest progress, each instant "
+                 "to the innermost running phase, summed by step; bars are sums of per-step medians", fontsize=10)
     fig.legend(loc="outside lower center", ncols=3, fontsize=7, frameon=False)
     return fig
 
@@ -325,8 +342,9 @@ def plot_gantt(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | None 
         tid = shown[mode]
         phases = timelines[timelines["trial_id"] == tid]
         row = df[df["trial_id"].astype(str) == tid]
+        reported = reported_end_ns(phases, float(downtime_of(row).iloc[0]))
         downtime = window_end_ns(phases, float(downtime_of(row).iloc[0]))
-        # The window is the downtime with a margin: setup, precopy and the
+        # The window is the outage with a margin: setup, precopy and the
         # source's release run for far longer and would squeeze it to a sliver.
         lo, hi = -0.15 * downtime / 1e6, 1.3 * downtime / 1e6
         min_label_ms = 0.05 * (hi - lo)
@@ -341,13 +359,17 @@ def plot_gantt(df: pd.DataFrame, timelines: pd.DataFrame, metadata: dict | None 
                 start = max(p.start_ns / 1e6, lo)
                 if depth == 0 and min(p.end_ns / 1e6, hi) - start >= min_label_ms:
                     ax.text(start, lane - 0.4, p.phase, fontsize=6, va="bottom", clip_on=True)
-        ax.axvspan(0, downtime / 1e6, color="0.9", zorder=0)
+        ax.axvspan(0, reported / 1e6, color="0.9", zorder=0)
+        if downtime > reported:
+            ax.axvspan(reported / 1e6, downtime / 1e6, color="#f8d7da", zorder=0)
         ax.axvline(0, color="black", lw=0.8)
-        ax.axvline(downtime / 1e6, color="black", lw=0.8, ls="--")
+        ax.axvline(reported / 1e6, color="black", lw=0.8, ls="--")
         ax.set_xlim(lo, hi)
-        ax.set_yticks([0, 1], list(SIDES))
-        ax.set_ylim(1.6, -0.8)
-        ax.set_title(f"{mode}: trial {tid}, downtime {fmt_ns(downtime)} (grey)", fontsize=9,
+        ax.set_yticks(range(len(SIDES)), list(SIDES))
+        ax.set_ylim(len(SIDES) - 0.4, -0.8)
+        observed = (f"; the guest ran again at {fmt_ns(downtime)} as the observer saw it (red: after the "
+                    "reported resume)" if downtime > reported else "")
+        ax.set_title(f"{mode}: trial {tid}, downtime reported {fmt_ns(reported)} (grey){observed}", fontsize=9,
                      loc="left")
     axes[-1].set_xlabel("ms from the source's stop (phases before and after the window are cut; "
                         "colours as in the anatomy bars)")

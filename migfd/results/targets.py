@@ -42,6 +42,7 @@ from migfd.stats import (
     bootstrap_ci,
     clean,
     combine_verdicts,
+    median_ci_any,
     ratio_ci,
     threshold_verdict,
 )
@@ -81,8 +82,8 @@ TARGETS = {
     "copy-vs-fd-1gib": Target("non-live state copy / fd-passing downtime at 1 GiB", ">=", 100, "ratio"),
     "zero-frames-lost": Target("frames lost + duplicated with fd-passing under TAP traffic", "==", 0, "frames"),
     "handover-floor": Target("fd-passing downtime (RAM + TAP + chardev) / handover floor", "<=", 10, "ratio"),
-    "below-cpr-transfer": Target("fd-passing downtime (RAM + TAP + chardev) / real QEMU cpr-transfer's "
-                                 "guest pause", "<", 1, "ratio"),
+    "below-cpr-transfer": Target("fd-passing outage (RAM + TAP + chardev) / real QEMU cpr-transfer's outage, "
+                                 "same observer", "<", 1, "ratio"),
     "per-fd-cost": Target("marginal cost of one more fd / raw batched per-fd cost", "<=", 2, "ratio"),
     "unbatched-linear": Target("fd-passing downtime with unbatched fd records / batched, at the most fds",
                                "<=", 2, "ratio"),
@@ -92,8 +93,15 @@ TARGETS = {
                                 "ratio"),
     "fd-batching-default": Target("fd-passing migrations of the default configuration that batched their "
                                   "fd records", "==", 1, "share"),
-    "vs-qemu": Target("fd-passing / real QEMU median downtime at the same RAM size", "<", 1, "ratio"),
+    "vs-qemu": Target("fd-passing / real QEMU median outage at the same RAM size, same observer", "<", 1, "ratio"),
+    "outage-vs-downtime": Target("fd-passing outage − reported downtime (median, ms)", "<=", 0.5, "ms"),
+    "client-excess": Target("fd-passing chardev client's switchover silence − reported downtime (median, ms)",
+                            "<=", 0.5, "ms"),
+    "precopy-stall": Target("guest-progress stall during live precopy: state copy / QEMU 10.0's copied RAM, "
+                            "same RAM size, same observer", "<=", 1, "ratio"),
 }
+#: the chardev client's excess may add this many line intervals to the target's 0.5 ms
+CLIENT_EXCESS_INTERVALS = 2
 
 #: The handover target's stretch goal (issue 9): shown in its detail, not a verdict of its own.
 HANDOVER_STRETCH = 5.0
@@ -109,10 +117,10 @@ class Point:
     text: str
 
 
-def _judged(key: str, points: list[Point], detail: str, why_fail: str = "") -> dict:
+def _judged(key: str, points: list[Point], detail: str, why_fail: str = "", target: Target | None = None) -> dict:
     """The target's row from its points: combined verdict, the worst point shown; ``why_fail``
-    says in words what a failure means."""
-    t = TARGETS[key]
+    says in words what a failure means; ``target`` replaces the table's where a run sets the threshold."""
+    t = target or TARGETS[key]
     verdicts = [threshold_verdict(p.interval, t.op, t.threshold) for p in points]
     verdict = combine_verdicts(verdicts)
     # the worst point: the one that fails, else the one nearest to failing
@@ -177,8 +185,17 @@ def _target_flat(df, meta):
 def _target_total_flat(df, meta):
     # live and non-live are points of their own (a live migration's precopy is in its total), so the
     # target holds only where both are flat; the worse is shown
+    fd = select(df, "ram-size", "fd-passing")
+    release = fd[fd["release_ns"].notna()]
+    beside = ""
+    if not release.empty:
+        sizes = sorted(release["ram_bytes"].dropna().unique())
+        beside = "; the source's release after it, not counted: " + ", ".join(
+            f"{fmt_ns(median_of(release[release['ram_bytes'] == s]['release_ns']))} at {fmt_bytes(s)}"
+            for s in (sizes[0], sizes[-1]))
     return _flat_target(df, meta, "total-flat-in-ram", "total_ns", "fd-passing total time grows with RAM",
-                        " (migrate → the destination runs; each live value judged on its own, the worse shown)")
+                        " (migrate → the destination runs; each live value judged on its own, the worse shown"
+                        + beside + ")")
 
 
 def _target_copy_vs_fd(df, meta):
@@ -285,8 +302,12 @@ def _target_handover(df, meta):
             f"{fmt_ns(median_of(floor['total_ns']))} for the same fds and device-state bytes = {fmt_interval(ci)}")
     stretch = threshold_verdict(ci, "<=", HANDOVER_STRETCH)
     stretch_text = {PASS: "met", FAIL: "missed", INCONCLUSIVE: "undecided (the interval straddles it)"}
+    outage = _with_outage(fd)
+    beside = (f"; outage beside it: {fmt_ns(median_of(outage['outage_ns']))} = "
+              f"{fmt_interval(ratio_ci(_values(floor, 'total_ns'), _values(outage, 'outage_ns')))} x the floor"
+              if not outage.empty else "")
     return _judged("handover-floor", [Point(ci, text)],
-                   f"; stretch goal ≤ {HANDOVER_STRETCH:g}: {stretch_text.get(stretch, stretch)}",
+                   f"; stretch goal ≤ {HANDOVER_STRETCH:g}: {stretch_text.get(stretch, stretch)}{beside}",
                    "fd-passing far above the raw handover")
 
 
@@ -325,26 +346,112 @@ def _cpr_rows(df: pd.DataFrame, ram_bytes: float) -> tuple[pd.DataFrame, str]:
     return q, what
 
 
+def _prefer_accel(q: pd.DataFrame, accel: str = "kvm") -> pd.DataFrame:
+    """QEMU's rows under ``accel`` where the run has them (migfd's guest runs on KVM by default)."""
+    return q[q["accel"] == accel] if (q["accel"] == accel).any() else q
+
+
+def _with_outage(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["outage_ns"].notna()]
+
+
 def _target_cpr(df, meta):
-    fd = _fd_passing_of(df, FULL_VM)
+    fd = _with_outage(_fd_passing_of(df, FULL_VM))
     if fd.empty:
         why = why_absent(df, meta, "tap-traffic", f"fd-passing trials of a VM with {FULL_VM}")
         return _not_measured("below-cpr-transfer", why if "skipped" in why else
-                             f"no successful fd-passing trial of a VM with {FULL_VM}")
+                             f"no successful fd-passing trial of a VM with {FULL_VM} with an outage measured "
+                             "(runs before the guest-progress observer have none)")
     q, what = _cpr_rows(df, fd["ram_bytes"].min())
+    q = _with_outage(q)
     if q.empty:
         why = why_absent(df, meta, "qemu-peer", "successful cpr-transfer migrations")
         if not select(df, "qemu-peer", ok=None).empty and "skipped" not in why and "failed" not in why:
-            why = "no successful qemu-cpr-transfer rows: cpr-transfer needs QEMU 10.0 or later (--qemu)"
+            why = ("no successful qemu-cpr-transfer rows with an outage: cpr-transfer needs QEMU 10.0 or later "
+                   "(--qemu), the outage the guest-progress observer")
         return _not_measured("below-cpr-transfer", why)
-    pause = qemu_downtime(q)
-    ci = ratio_ci(clean(pause), _values(fd))
-    # QEMU's guest pause as migfd's downtime is measured: its STOP event to the destination's RESUME
-    how = "STOP → RESUME events" if qemu_has_events(q) else "QEMU's own downtime, which ends on the source"
-    text = (f"{FULL_VM} ({', '.join(sorted(set(fd['scenario'])))}): downtime {fmt_ns(median_of(fd['downtime_ns']))} "
-            f"vs {what}: guest paused {fmt_ns(median_of(pause))} ({how}) = {fmt_interval(ci)}")
+    ci = ratio_ci(_values(q, "outage_ns"), _values(fd, "outage_ns"))
+    text = (f"{FULL_VM} ({', '.join(sorted(set(fd['scenario'])))}): outage {fmt_ns(median_of(fd['outage_ns']))} "
+            f"(downtime {fmt_ns(median_of(fd['downtime_ns']))}) vs {what}: outage "
+            f"{fmt_ns(median_of(q['outage_ns']))} (STOP → RESUME {fmt_ns(median_of(qemu_downtime(q)))}) "
+            f"= {fmt_interval(ci)}")
     return _judged("below-cpr-transfer", [Point(ci, text)], failures_note(df, "qemu-peer", "qemu-cpr-transfer"),
-                   "fd-passing pauses the guest as long as or longer than QEMU's own fd-passing")
+                   "fd-passing cuts the guest off as long as or longer than QEMU's own fd-passing")
+
+
+def _diff_point(rows: pd.DataFrame, column: str, label: str) -> Point | None:
+    """The median of ``column`` − ``downtime_ns`` per trial, in ms, with its interval."""
+    rows = rows[rows[column].notna() & rows["downtime_ns"].notna()]
+    if rows.empty:
+        return None
+    diff = (rows[column].astype("float64") - rows["downtime_ns"].astype("float64")) / 1e6
+    ci = median_ci_any(diff.to_numpy())
+    text = (f"{label}: {column.removesuffix('_ns').replace('_', ' ')} {fmt_ns(median_of(rows[column]))} − downtime "
+            f"{fmt_ns(median_of(rows['downtime_ns']))}, per trial: median {fmt_interval(ci)} ms")
+    return Point(ci, text)
+
+
+def _target_outage_vs_downtime(df, meta):
+    ok = df["ok"].fillna(False).astype(bool)
+    fd = df[(df["mode"] == "fd-passing") & ok & df["scenario"].isin(OUTAGE_SCENARIOS)]
+    points = []
+    for (scenario, size, live), g in fd.groupby(["scenario", "ram_bytes", "live"], dropna=False):
+        point = _diff_point(g, "outage_ns", f"{scenario} {fmt_bytes(size)} {live_label(live)}".strip())
+        if point is not None:
+            points.append(point)
+    if not points:
+        return _not_measured("outage-vs-downtime", "no fd-passing trial with an outage measured (runs before the "
+                             "guest-progress observer have none)")
+    return _judged("outage-vs-downtime", points, " (outage: the outside observer's silence holding the stop)",
+                   "the guest stays cut off after the reported resume")
+
+
+def _target_client_excess(df, meta):
+    rows = select(df, "chardev", "fd-passing")
+    point = _diff_point(rows, "switchover_silence_ns", "chardev client")
+    if point is None:
+        return _not_measured("client-excess", why_absent(df, meta, "chardev", "fd-passing trials with the "
+                                                         "client's switchover silence"))
+    rate = scenario_info(meta, "chardev").get("line_rate_per_s")
+    if not rate:
+        return _not_measured("client-excess", "the run does not say the chardev client's line rate")
+    interval_ms = 1e3 / float(rate)
+    base = TARGETS["client-excess"]
+    target = Target(base.name, base.op, base.threshold + CLIENT_EXCESS_INTERVALS * interval_ms, base.unit)
+    return _judged("client-excess", [point],
+                   f" (threshold 0.5 ms + {CLIENT_EXCESS_INTERVALS} line intervals of {interval_ms:g} ms)",
+                   "the client stays cut off after the reported resume", target=target)
+
+
+def _target_precopy_stall(df, meta):
+    sc = select(df, "ram-size", "state-copy")
+    sc = sc[(sc["live"] == True) & sc["precopy_stall_ns"].notna()]  # noqa: E712 (nullable boolean)
+    q = select(df, "qemu-peer", "qemu-ram-copied")
+    q = q[q["precopy_stall_ns"].notna()]
+    versions = [v for v in q["peer_version"].dropna().unique() if str(v).startswith(CPR_PREFERRED_VERSION)]
+    q = _prefer_accel(q[q["peer_version"].isin(versions)])
+    if (q["variant"] == "filled").any():
+        q = q[q["variant"] == "filled"]
+    if sc.empty or q.empty:
+        return _not_measured("precopy-stall", "needs live state-copy trials and QEMU 10.0 copied-RAM trials with "
+                             "the guest-progress observer")
+    points = []
+    for size in sorted(set(sc["ram_bytes"].dropna()) & set(q["ram_bytes"].dropna())):
+        m, r = sc[sc["ram_bytes"] == size], q[q["ram_bytes"] == size]
+        # a stall of 0 (none seen) counts as the observer's threshold: the ratio stays finite
+        floor = float(scenario_info(meta, "ram-size").get("observer_min_silence_ns") or 400_000)
+        ci = ratio_ci(np.maximum(_values(r, "precopy_stall_ns"), floor), np.maximum(_values(m, "precopy_stall_ns"), floor))
+        points.append(Point(ci, f"{fmt_bytes(size)}: migfd {fmt_ns(median_of(m['precopy_stall_ns']))} (dirty rate "
+                                f"{fmt_bytes(median_of(m['dirty_rate_bytes_s']))}/s) vs QEMU "
+                                f"{fmt_ns(median_of(r['precopy_stall_ns']))} ({r['accel'].iloc[0]}, counting guest: "
+                                f"dirties only its counter) = {fmt_interval(ci)}"))
+    if not points:
+        return _not_measured("precopy-stall", "no RAM size measured by both")
+    return _judged("precopy-stall", points, "", "migfd's precopy starves its guest more than QEMU's")
+
+
+#: the scenarios whose VMs have guest RAM, so an outage the observer measures
+OUTAGE_SCENARIOS = ("ram-size", "tap-traffic", "chardev")
 
 
 def _target_unbatched(df, meta):
@@ -473,8 +580,12 @@ def _target_qemu(df, meta):
     # the run has it (variant "filled"), not RAM as QEMU gives it (mostly zero pages)
     if (q["variant"] == "filled").any():
         q = q[q["variant"] == "filled"]
-    fd = select(df, "ram-size", "fd-passing")
-    q = q.assign(_down=qemu_downtime(q))
+    q = _with_outage(_prefer_accel(q))
+    fd = _with_outage(select(df, "ram-size", "fd-passing"))
+    if q.empty or fd.empty:
+        return _not_measured("vs-qemu", "no outage measured on both sides (runs before the guest-progress "
+                             "observer have none)")
+    q = q.assign(_down=q["outage_ns"])
     points = []
     for (size, version), qs in q.groupby(["ram_bytes", "peer_version"], dropna=False):
         lives = set(qs["live"].dropna())
@@ -485,22 +596,24 @@ def _target_qemu(df, meta):
             continue
         per_mode = qs.groupby("mode")["_down"].apply(median_of)
         best = per_mode.idxmin()
-        ci = ratio_ci(_values(qs[qs["mode"] == best], "_down"), _values(f))
+        ci = ratio_ci(_values(qs[qs["mode"] == best], "_down"), _values(f, "outage_ns"))
         qemu = f"QEMU {version}" if version else "real QEMU"
-        points.append(Point(ci, f"{fmt_bytes(size)}: fd-passing {fmt_ns(median_of(f['downtime_ns']))} vs "
-                                f"{mode_label(best).replace('real QEMU', qemu)} {fmt_ns(per_mode[best])} "
-                                f"= {fmt_interval(ci)}"))
+        points.append(Point(ci, f"{fmt_bytes(size)}: fd-passing outage {fmt_ns(median_of(f['outage_ns']))} vs "
+                                f"{mode_label(best).replace('real QEMU', qemu)} ({qs['accel'].iloc[0]}) outage "
+                                f"{fmt_ns(per_mode[best])} = {fmt_interval(ci)}"))
     if not points:
         return _not_measured("vs-qemu", "no RAM size measured both by qemu-peer and by fd-passing in ram-size")
-    how = ("QEMU from its STOP/RESUME events" if qemu_has_events(q) else "QEMU's own downtime (ends on the source)")
-    return _judged("vs-qemu", points, f" (against QEMU's faster mode; {how})", "real QEMU was as fast or faster")
+    return _judged("vs-qemu", points, " (against QEMU's faster mode; both outages from the same observer)",
+                   "real QEMU cut its guest off as briefly or more briefly")
 
 
 _CHECKS = {"flat-in-ram": _target_flat, "copy-vs-fd-1gib": _target_copy_vs_fd,
            "zero-frames-lost": _target_frames, "handover-floor": _target_handover,
            "below-cpr-transfer": _target_cpr, "per-fd-cost": _target_per_fd, "unbatched-linear": _target_unbatched,
            "copy-throughput": _target_throughput, "total-flat-in-ram": _target_total_flat,
-           "fd-batching-default": _target_batching, "vs-qemu": _target_qemu}
+           "fd-batching-default": _target_batching, "vs-qemu": _target_qemu,
+           "outage-vs-downtime": _target_outage_vs_downtime, "client-excess": _target_client_excess,
+           "precopy-stall": _target_precopy_stall}
 
 
 def targets(df: pd.DataFrame, metadata: dict | None = None, keys: Iterable[str] | None = None) -> pd.DataFrame:

@@ -24,10 +24,14 @@ than any scheduling hiccup, and the bounds above are in line intervals only.
 from __future__ import annotations
 
 import asyncio
-
+import os
+import signal
+import time
 
 from helpers import run_vm_test, wait_until
 from migfd.peers.chardev import ChardevClient
+from migfd.peers.observe import ObserverProcess, silences_of, switchover_outage
+from migfd.timeline import Timeline, stop_origin
 
 
 LINE_RATE_PER_S = 100
@@ -72,5 +76,95 @@ def test_client_silence_bounds_the_reported_downtime(vms):
         assert report.max_gap_ns >= downtime - INTERVAL_NS // 2, (report.max_gap_ns, downtime)
         # ... and not much longer: within two line intervals
         assert report.max_gap_ns <= downtime + 2 * INTERVAL_NS, (report.max_gap_ns, downtime)
+
+    run_vm_test(vms, body, timeout_s=120)
+
+
+# -- the guest-progress observer ------------------------------------------------
+#
+# A process of its own maps the guest's RAM and watches its progress counter
+# (migfd.peers.observe). A stall the destination injects after the resume it
+# reports is outage that no downtime shows; one injected before it is inside the
+# downtime. The observer's own stall is marked as its own.
+
+STALL_NS = 50_000_000  # migfd.faults.STALL_S
+
+
+async def _observed_migration(vms, fault_phase: str) -> tuple[dict, dict]:
+    d = vms.workdir
+    devices = dict(objects=("memory-backend-memfd,id=ram0,size=16M,backend-transfer=on",))
+    src = await vms.start("src", **devices)
+    dst = await vms.start("dst", incoming="defer", **devices)
+    observer = ObserverProcess([f"pid:{src.pid}", f"pid:{dst.pid}"])
+    await asyncio.get_running_loop().run_in_executor(None, observer.start)
+    try:
+        await asyncio.sleep(0.2)
+        for vm in (src, dst):
+            await vm.execute("migrate-set-parameters", {"backend-transfer": True})
+        await dst.execute("x-migration-fault", {"phase": fault_phase, "action": "stall"})
+        await dst.execute("migrate-incoming", {"uri": f"unix:{d}/mig.sock"})
+        await src.execute("migrate", {"uri": f"unix:{d}/mig.sock"})
+        source = await src.wait_migration(60)
+        await asyncio.sleep(0.2)  # the guest runs on the destination for a while
+        assert (await dst.execute("x-query-fault"))["fired"] == [f"{fault_phase}:stall"]
+    finally:
+        report = await asyncio.get_running_loop().run_in_executor(None, observer.stop)
+    assert source["status"] == "completed", source
+    return source, report
+
+
+def _outage(source: dict, report: dict):
+    stop = stop_origin(Timeline.from_qmp(source["x-timeline"]))
+    outage = switchover_outage(silences_of(report), stop, (stop - 1, stop + 10**9))
+    assert outage is not None, report["silences"]
+    return outage
+
+
+def test_a_stall_after_the_reported_resume_is_outage_beyond_the_downtime(vms):
+    async def body():
+        source, report = await _observed_migration(vms, "dest-resume")
+        outage = _outage(source, report)
+        assert outage.duration_ns - source["x-downtime-ns"] >= STALL_NS * 0.8, (outage, source["x-downtime-ns"])
+
+    run_vm_test(vms, body, timeout_s=120)
+
+
+def test_a_stall_before_the_resume_is_inside_the_downtime(vms):
+    async def body():
+        source, report = await _observed_migration(vms, "dest-eof")
+        outage = _outage(source, report)
+        downtime = source["x-downtime-ns"]
+        assert downtime >= STALL_NS
+        assert outage.duration_ns >= downtime - 1_000_000  # the observer saw the whole pause...
+        assert outage.duration_ns - downtime < STALL_NS * 0.8  # ... and the stall is not beyond it
+
+    run_vm_test(vms, body, timeout_s=120)
+
+
+def test_a_silence_of_the_observer_itself_is_marked_as_its_own(vms):
+    """SIGSTOP the observer: its silence is its own; SIGSTOP the VM: the guest's, not the observer's."""
+    async def body():
+        src = await vms.start("src", objects=("memory-backend-memfd,id=ram0,size=16M",))
+        observer = ObserverProcess([f"pid:{src.pid}"])
+        await asyncio.get_running_loop().run_in_executor(None, observer.start)
+        try:
+            await asyncio.sleep(0.2)
+            marks = {}
+            for who, pid in (("observer", observer.proc.pid), ("guest", src.pid)):
+                start = time.monotonic_ns()
+                os.kill(pid, signal.SIGSTOP)
+                await asyncio.sleep(0.1)
+                os.kill(pid, signal.SIGCONT)
+                marks[who] = (start, time.monotonic_ns())
+                await asyncio.sleep(0.2)
+        finally:
+            report = await asyncio.get_running_loop().run_in_executor(None, observer.stop)
+        silences = silences_of(report)
+        for who, (start, end) in marks.items():
+            middle = (start + end) // 2
+            held = [s for s in silences if s.start_ns <= middle <= s.end_ns]
+            assert len(held) == 1, (who, marks, report["silences"])
+            assert held[0].duration_ns >= 0.08e9, (who, held[0])
+            assert held[0].own is (who == "observer"), (who, held[0])
 
     run_vm_test(vms, body, timeout_s=120)

@@ -61,9 +61,17 @@ def fd_floor_rows():
                       value=1 * US, unit="ns/fd") for n in (1, 11, 21) for _ in (0, 1)]
 
 
-def qemu_rows(downtime_ms, mode="qemu-ram-copied", size=64 * MiB):
+def qemu_rows(downtime_ms, mode="qemu-ram-copied", size=64 * MiB, outage_ms=None):
+    """qemu-peer rows; the observer's outage is the downtime unless ``outage_ms`` says otherwise."""
+    outage_ms = downtime_ms if outage_ms is None else outage_ms
     return [fixture_row(scenario="qemu-peer", mode=mode, backend="ram", ram_bytes=size, live=False,
-                        trial=i, downtime_ns=int(d * MS), total_ns=int(d * MS)) for i, d in enumerate(downtime_ms)]
+                        trial=i, downtime_ns=int(d * MS), total_ns=int(d * MS), outage_ns=int(o * MS))
+            for i, (d, o) in enumerate(zip(downtime_ms, outage_ms))]
+
+
+def with_outage(rows: list[dict], outage_ms) -> list[dict]:
+    """The rows with the observer's outage (ms), one value per row."""
+    return [dict(r, outage_ns=int(o * MS)) for r, o in zip(rows, outage_ms)]
 
 
 def texts(fig: Figure) -> str:

@@ -53,6 +53,21 @@ def test_equal_starts_go_to_the_shorter_phase():
     assert partition(t, end_ns=100) == {"source: inner": 40, "source: outer": 60}
 
 
+def test_the_window_runs_to_the_guests_first_progress_seen_from_outside():
+    # the VM reports its resume at 100; the observer saw the guest run again at 160
+    t = phases(("source", "stop", 0, 10), ("destination", "resume", 90, 100),
+               ("destination", "resumed-report", 100, 120),
+               ("observer", "guest-outage", -3, 160), ("observer", "first-progress", 160, 160))
+    rows = _rows(("t1", "fd-passing", 100))
+    parts = trial_anatomy(rows, t).set_index("label")["ns"].to_dict()
+    assert sum(parts.values()) == 160
+    # what no VM phase explains after the resume is the guest not running yet, not "unaccounted"
+    assert parts["destination: resumed-report"] == 20 and parts["observer: guest-outage"] == 40 + 80
+    assert UNACCOUNTED not in parts
+    # without the observer, the window ends at the reported resume
+    assert sum(trial_anatomy(rows, t[t["side"] != "observer"])["ns"]) == 100
+
+
 def _rows(*trials: tuple[str, str, int]) -> pd.DataFrame:
     return pd.DataFrame([{"trial_id": tid, "scenario": "tap-traffic", "mode": mode, "downtime_ns": d,
                           "stop_resume_ns": None, "ok": True, "ram_bytes": 64 << 20} for tid, mode, d in trials])

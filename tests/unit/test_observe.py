@@ -69,6 +69,18 @@ def test_own_gaps_mark_the_silences_that_hold_them():
     assert silences[0].own_gap_ns == 8 * P
 
 
+def test_a_change_across_the_observers_own_gap_is_no_evidence_of_progress():
+    t = samples(30)
+    t[15:] += 50 * P  # the observer did not run between samples 14 and 15
+    v = np.arange(30, dtype=np.int64)  # the guest changed the counter across that gap too
+    own = OwnGaps(limit_ns=3 * P)
+    for k in range(1, 30):
+        own.note(int(t[k - 1]), int(t[k]))
+    silences = silences_between(progress_times(t, v, own_limit_ns=own.limit_ns), 3 * P, own)
+    # the first change seen after the gap is from sample 15 to 16
+    assert [(s.start_ns, s.end_ns, s.own) for s in silences] == [(int(t[14]), int(t[16]), True)]
+
+
 def test_the_switchover_outage_is_the_silence_holding_the_stop():
     a, b, c = Silence(100, 200), Silence(300, 900), Silence(1000, 5000)
     # c is longer, but the stop (at 400) is inside b

@@ -14,6 +14,7 @@ from migfd.results.plots import plot_downtime_vs_ram
 from migfd.results.targets import TARGETS, targets
 from migfd.units import GiB, MiB
 from result_rows import (
+    with_outage,
     MS,
     US,
     fd_count_rows,
@@ -185,7 +186,7 @@ def test_target_per_fd_cost_interval_comes_from_the_trials():
 
 
 def test_target_vs_qemu_is_strict_and_takes_qemus_faster_mode():
-    fd = ram_rows("fd-passing", 64 * MiB, [10, 10, 10])
+    fd = with_outage(ram_rows("fd-passing", 64 * MiB, [10, 10, 10]), [10, 10, 10])
     assert verdict(table(fd + qemu_rows([20, 20])), "vs-qemu")["verdict"] == "pass"
     t = verdict(table(fd + qemu_rows([20, 20]) + qemu_rows([10, 10], "qemu-ram-shared")), "vs-qemu")
     assert t["measured"] == pytest.approx(1.0) and t["verdict"] == "fail"  # equal is not below
@@ -195,15 +196,31 @@ def test_target_vs_qemu_is_strict_and_takes_qemus_faster_mode():
     assert t["verdict"] == "not-measured"
 
 
-def test_target_vs_qemu_prefers_stop_resume_events():
-    # QEMU's own downtime ends on the source; the STOP->RESUME events end where migfd's does
+def test_target_vs_qemu_compares_outage_with_outage():
+    # migfd reports 10 ms and is cut off 20; QEMU says 5 (ends on the source), pauses 40, is cut off 50
+    fd = with_outage(ram_rows("fd-passing", 64 * MiB, [10, 10, 10]), [20, 20, 20])
+    q = qemu_rows([5, 5], outage_ms=[50, 50])
+    for row in q:
+        row["stop_resume_ns"] = 40 * MS
+    t = verdict(table(fd + q), "vs-qemu")
+    assert t["measured"] == pytest.approx(0.4) and t["verdict"] == "pass"
+    assert "same observer" in t["detail"]
+    # KVM where the run has it (migfd's guest runs on KVM), whatever TCG did
+    tcg = [dict(r, accel="tcg", outage_ns=5 * MS) for r in qemu_rows([5, 5])]
+    kvm = [dict(r, accel="kvm") for r in q]
+    t = verdict(table(fd + kvm + tcg), "vs-qemu")
+    assert t["measured"] == pytest.approx(0.4) and "(kvm)" in t["detail"]
+    # a run older than the observer has no outage: nothing to compare
+    old = ram_rows("fd-passing", 64 * MiB, [10, 10, 10])
+    t = verdict(table(old + [dict(r, outage_ns="") for r in q]), "vs-qemu")
+    assert t["verdict"] == "not-measured" and "observer" in t["why"]
+
+
+def test_the_downtime_figure_draws_qemus_stop_resume_events():
     fd = ram_rows("fd-passing", 64 * MiB, [10, 10, 10])
     q = qemu_rows([5, 5])
     for row in q:
         row["stop_resume_ns"] = 40 * MS
-    t = verdict(table(fd + q), "vs-qemu")
-    assert t["measured"] == pytest.approx(0.25) and t["verdict"] == "pass"
-    assert "STOP/RESUME" in t["detail"]
     fig = plot_downtime_vs_ram(table(fd + q), {})
     series = medians_line(fig.axes[0], "real QEMU")
     assert list(series.get_ydata()) == [40.0] and "STOP→RESUME" in series.get_label()
@@ -224,7 +241,7 @@ def test_unknown_target_key():
 
 
 def test_target_vs_qemu_per_version_against_filled_ram():
-    fd = ram_rows("fd-passing", 64 * MiB, [10, 10, 10])
+    fd = with_outage(ram_rows("fd-passing", 64 * MiB, [10, 10, 10]), [10, 10, 10])
 
     def q(version, variant, ms):
         rows = qemu_rows(ms)
@@ -308,26 +325,30 @@ def test_target_total_flat_takes_the_worse_live_value_and_needs_two_sizes():
     assert t["verdict"] == "not-measured" and "one RAM size" in t["why"]
 
 
-def cpr_rows(pause_ms, version="10.0.2", variant="filled", size=64 * MiB, own_ms=0.5) -> list[dict]:
+def cpr_rows(outage_ms, version="10.0.2", variant="filled", size=64 * MiB, own_ms=0.5) -> list[dict]:
     """qemu-peer cpr-transfer rows: QEMU's own downtime ``own_ms`` (ends on the source), the guest's
-    pause (STOP → RESUME) ``pause_ms``."""
-    rows = qemu_rows([own_ms] * len(pause_ms), mode="qemu-cpr-transfer", size=size)
-    for r, p in zip(rows, pause_ms):
-        r.update(peer_version=version, variant=variant, stop_resume_ns=int(p * MS))
+    pause (STOP → RESUME) a little shorter than the observer's outage ``outage_ms``."""
+    rows = qemu_rows([own_ms] * len(outage_ms), mode="qemu-cpr-transfer", size=size, outage_ms=outage_ms)
+    for r, p in zip(rows, outage_ms):
+        r.update(peer_version=version, variant=variant, stop_resume_ns=int(p * 0.8 * MS))
     return rows
 
 
-@pytest.mark.parametrize("pause_ms, expected", [(1.01, "pass"), (1.0, "fail")])
-def test_target_below_cpr_transfer_is_strict_and_takes_the_guest_pause(pause_ms, expected):
-    fd = traffic_rows([0, 0, 0], [0, 0, 0])  # RAM + TAP + chardev, downtime 1 ms
-    t = verdict(table(fd + cpr_rows([pause_ms] * 3)), "below-cpr-transfer")
-    # QEMU's own downtime (0.5 ms, ends on the source) is not the guest's pause
-    assert t["measured"] == pytest.approx(1 / pause_ms) and t["verdict"] == expected
+def full_vm_rows(outage_ms=(1, 1, 1)) -> list[dict]:
+    """fd-passing of RAM + TAP + chardev: downtime 1 ms (traffic_rows), the given outage."""
+    return with_outage(traffic_rows([0] * len(outage_ms), [0] * len(outage_ms)), outage_ms)
+
+
+@pytest.mark.parametrize("outage_ms, expected", [(1.01, "pass"), (1.0, "fail")])
+def test_target_below_cpr_transfer_is_strict_and_takes_the_outage(outage_ms, expected):
+    t = verdict(table(full_vm_rows() + cpr_rows([outage_ms] * 3)), "below-cpr-transfer")
+    # neither QEMU's own downtime (0.5 ms, ends on the source) nor its STOP → RESUME (0.8 ms): the outage
+    assert t["measured"] == pytest.approx(1 / outage_ms) and t["verdict"] == expected
     assert "QEMU 10.0.2 cpr-transfer at 64 MiB" in t["detail"] and "STOP → RESUME" in t["detail"]
 
 
 def test_target_below_cpr_transfer_prefers_qemu_10_0_filled_ram_of_the_same_size():
-    fd = traffic_rows([0, 0, 0], [0, 0, 0])
+    fd = full_vm_rows()
     rows = (fd + cpr_rows([2, 2]) + cpr_rows([0.5, 0.5], version="10.1.0") + cpr_rows([0.5, 0.5], variant="idle")
             + cpr_rows([0.5, 0.5], size=GiB))
     t = verdict(table(rows), "below-cpr-transfer")
@@ -339,7 +360,7 @@ def test_target_below_cpr_transfer_prefers_qemu_10_0_filled_ram_of_the_same_size
 
 
 def test_target_below_cpr_transfer_inconclusive_and_not_measured():
-    fd = traffic_rows([0, 0, 0], [0, 0, 0])
+    fd = full_vm_rows()
     t = verdict(table(fd + cpr_rows([0.8, 1.0, 1.3])), "below-cpr-transfer")
     assert t["ci_low"] < 1 < t["ci_high"] and t["verdict"] == "inconclusive"
     t = verdict(table(fd + qemu_rows([3, 3])), "below-cpr-transfer")  # QEMU 7.2: no cpr-transfer
@@ -348,6 +369,34 @@ def test_target_below_cpr_transfer_inconclusive_and_not_measured():
     assert t["verdict"] == "not-measured" and "no QEMU" in t["why"]
     t = verdict(table(cpr_rows([2, 2])), "below-cpr-transfer")
     assert t["verdict"] == "not-measured" and "ram+tap+chardev" in t["why"]
+    # a run older than the observer: downtime only, no outage to compare
+    t = verdict(table(traffic_rows([0, 0], [0, 0]) + cpr_rows([2, 2])), "below-cpr-transfer")
+    assert t["verdict"] == "not-measured" and "observer" in t["why"]
+
+
+# -- the outage issue's targets ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outage_ms, expected", [(1.5, "pass"), (1.6, "fail")])
+def test_target_outage_vs_downtime_is_the_median_excess_per_trial(outage_ms, expected):
+    rows = with_outage(traffic_rows([0, 0, 0, 0, 0], [0] * 5), [outage_ms] * 5)  # downtime 1 ms
+    t = verdict(table(rows), "outage-vs-downtime")
+    assert t["measured"] == pytest.approx(outage_ms - 1) and t["verdict"] == expected
+    # one metric alone moves it: the downtime the VM reports, not the outage
+    late = [dict(r, downtime_ns=int(0.4 * MS)) for r in with_outage(traffic_rows([0] * 5, [0] * 5), [1.0] * 5)]
+    assert verdict(table(late), "outage-vs-downtime")["verdict"] == "fail"
+    assert verdict(table(traffic_rows([0, 0], [0, 0])), "outage-vs-downtime")["verdict"] == "not-measured"
+
+
+def test_target_client_excess_threshold_follows_the_line_rate():
+    rows = [fixture_row(scenario="chardev", mode="fd-passing", backend="ram+chardev", ram_bytes=64 * MiB, live=True,
+                        trial=i, downtime_ns=1 * MS, switchover_silence_ns=int(2.2 * MS)) for i in range(5)]
+    # excess 1.2 ms: within 0.5 ms + 2 x 0.5 ms at 2000 lines/s, beyond 0.5 ms + 2 x 0.25 ms at 4000
+    meta = lambda rate: {"scenarios": {"chardev": {"ran": True, "line_rate_per_s": rate}}}  # noqa: E731
+    assert verdict(table(rows), "client-excess", meta(2000))["verdict"] == "pass"
+    t = verdict(table(rows), "client-excess", meta(4000))
+    assert t["verdict"] == "fail" and t["threshold"] == "≤ 1" and "0.25 ms" in t["detail"]
+    assert verdict(table(rows), "client-excess", {})["verdict"] == "not-measured"
 
 
 def default_rows(scenario: str, messages: list[int], fds: int = 3, ok=True) -> list[dict]:

@@ -108,19 +108,19 @@ def row_with(timeline, **extra):
             "downtime_ns": 50, "timeline": timeline, **extra}
 
 
-def test_trace_events_are_two_named_processes_of_complete_events():
+def test_trace_events_are_three_named_processes_of_complete_events():
     timeline = [ph("stop", 0, 10, "source"), ph("setup", -40, -20, "source"), ph("resume", 40, 50),
-                ph("load-ram", 5, 30), ph("parse", 20, 45)]
+                ph("load-ram", 5, 30), ph("parse", 20, 45), ph("guest-outage", -2, 60, "observer")]
     trace = trace_events(row_with(timeline), phases_of(row_with(timeline)))
     events = trace["traceEvents"]
     meta = {(e["pid"], e["args"]["name"]) for e in events if e["name"] == "process_name"}
-    assert meta == {(1, "source"), (2, "destination")}
+    assert meta == {(1, "source"), (2, "destination"), (3, "observer")}
     complete = [e for e in events if e["ph"] == "X" and e["cat"] != "guest"]
     assert len(complete) == len(timeline)
     by_name = {e["name"]: e for e in complete}
     assert by_name["setup"]["ts"] == 0.0  # the earliest phase is the origin
     assert by_name["stop"]["ts"] == pytest.approx(0.040) and by_name["stop"]["dur"] == pytest.approx(0.010)
-    assert by_name["stop"]["pid"] == 1 and by_name["resume"]["pid"] == 2
+    assert by_name["stop"]["pid"] == 1 and by_name["resume"]["pid"] == 2 and by_name["guest-outage"]["pid"] == 3
     assert by_name["load-ram"]["tid"] != by_name["parse"]["tid"]  # they cross: two lanes
     assert trace["otherData"]["stop_ts_us"] == pytest.approx(0.040)
     assert trace["otherData"]["trial_id"] == "ram-size-0007"

@@ -57,14 +57,16 @@ from pathlib import Path
 from typing import Any
 
 from migfd.bench.scenario import (
-    DOWNTIME_LIMIT_MS, MAX_BANDWIDTH, OBSERVER_TAIL_S, BenchContext, Plan, Scenario, Trial, TrialSpec, interleave,
+    DOWNTIME_LIMIT_MS, MAX_BANDWIDTH, OBSERVER_TAIL_S, observer_phases, BenchContext, Plan, Scenario, Trial, TrialSpec, interleave,
     memory_shortfall, trials_for_size,
 )
 from migfd.bench.scenarios.ram_size import RamSize
 from migfd.errors import MigrationError
-from migfd.peers.observe import ObserverProcess, longest_before, silences_of, switchover_outage
+from migfd.peers.observe import ObserverProcess, Silence, longest_before, silences_of, switchover_outage
 from migfd.peers.qemu import QEMU_BINARY, QemuBinary, QemuProcess, describe_qemu, find_qemus, write_counting_bios
-from migfd.peers.qemu_trace import completion_sections, cpr_fds, parse_trace, qemu_timeline, trace_arguments
+from migfd.peers.qemu_trace import (
+    completion_sections, cpr_fds, origin_us, parse_trace, qemu_timeline, trace_arguments,
+)
 from migfd.stream.inspect import inspect_stream
 from migfd.units import GiB, MiB
 
@@ -167,6 +169,7 @@ class QemuTrial(Trial):
         self.own_files: list[str] = []
         self.observer: ObserverProcess | None = None
         self.observed: dict[str, Any] | None = None
+        self.outage: Silence | None = None
         self.migrate_ns: tuple[int, int] | None = None
         #: CLOCK_REALTIME - CLOCK_MONOTONIC (ns) when the migration began: QMP events carry wall-clock time
         self.clock_offset_ns = 0
@@ -303,8 +306,13 @@ class QemuTrial(Trial):
         if stops and resumes:
             row["stop_resume_ns"] = resumes[-1] - stops[-1]
         row.update(self.outage_fields(stops[-1] - self.clock_offset_ns if stops else None))
-        timeline = qemu_timeline(src_trace, dst_trace, stop_us=stops[-1] // 1000 if stops else None,
+        stop_us = stops[-1] // 1000 if stops else None
+        timeline = qemu_timeline(src_trace, dst_trace, stop_us=stop_us,
                                  resume_us=resumes[-1] // 1000 if resumes else None)
+        zero_us = origin_us(src_trace, stop_us)
+        if timeline and self.outage is not None and zero_us is not None:
+            # the observer's CLOCK_MONOTONIC onto the trace's wall clock, through the sync point
+            timeline += observer_phases(self.outage, zero_us * 1000 - self.clock_offset_ns)
         if timeline:
             row["timeline"] = timeline
         else:
@@ -337,6 +345,7 @@ class QemuTrial(Trial):
         stall = longest_before(silences, self.migrate_ns[0], outage.start_ns)
         out.update(outage_ns=outage.duration_ns, outage_own_ns=outage.own_gap_ns,
                    precopy_stall_ns=stall.duration_ns if stall is not None else 0)
+        self.outage = outage
         return out
 
     async def cleanup(self) -> None:
