@@ -250,30 +250,38 @@ def coverage(base: pd.DataFrame, new: pd.DataFrame) -> Coverage:
 # -- the comparison -----------------------------------------------------------------------
 
 
-def _values(g: pd.DataFrame, column: str, *, every_trial: bool = False) -> np.ndarray:
-    rows = g if every_trial else g[g["ok"].fillna(False).astype(bool)]
-    return clean(pd.to_numeric(rows[column], errors="coerce").astype("float64"))
+class _Numbers:
+    """A run's metric columns as float arrays and its points as row indices, read once: a comparison
+    looks at some 200 (point, metric) pairs, and pandas per group would be most of its time."""
+
+    def __init__(self, df: pd.DataFrame, keys: list[str], columns: list[str]):
+        self.columns = {c: pd.to_numeric(df[c], errors="coerce").astype("float64").to_numpy()
+                        for c in columns if c in df.columns}
+        self.ok = df["ok"].fillna(False).astype(bool).to_numpy()
+        self.units = df["unit"].astype(str).to_numpy() if "unit" in df.columns else np.full(len(df), "")
+        self.points = df.groupby(keys, dropna=False, sort=True).indices if len(df) else {}
+
+    def values(self, idx: np.ndarray, column: str) -> np.ndarray:
+        """Successful trials' values of ``column`` (times and throughput)."""
+        v = self.columns[column][idx][self.ok[idx]]
+        return v[~np.isnan(v)]
+
+    def counts(self, idx: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per trial that has it (failed ones too: a lost frame is lost whether or not the trial
+        failed), the count and what it is a rate of; without the exposure column, per trial."""
+        k = self.columns[metric][idx]
+        exposure = COUNT_EXPOSURE[metric]
+        s = self.columns.get(exposure) if exposure else None
+        s = s[idx] if s is not None and not np.isnan(s[idx]).all() else np.ones(len(idx))
+        keep = ~np.isnan(k) & ~np.isnan(s) & (s > 0)
+        return k[keep], s[keep]
 
 
-def _counts(g: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per trial that has it (failed ones too: a lost frame is lost whether or not the trial failed),
-    the count and what it is a rate of; a run without the exposure column counts per trial."""
-    exposure = COUNT_EXPOSURE[metric]
-    k = pd.to_numeric(g[metric], errors="coerce").astype("float64")
-    if exposure is not None and _measured(g, exposure):
-        s = pd.to_numeric(g[exposure], errors="coerce").astype("float64")
-    else:
-        s = pd.Series(1.0, index=g.index)
-    keep = k.notna() & s.notna() & (s > 0)
-    return k[keep].to_numpy(), s[keep].to_numpy()
-
-
-def _lower_is_better(metric: str, bg: pd.DataFrame, ng: pd.DataFrame) -> bool:
+def _lower_is_better(metric: str, units: set[str]) -> bool:
     if metric == THROUGHPUT:
         return False
     if metric == "value":  # a floor: bytes/s more is better, ns less
-        units = set(bg["unit"]) | set(ng["unit"])
-        return not any(str(u).endswith("/s") for u in units)
+        return not any(u.endswith("/s") for u in units)
     return True
 
 
@@ -304,17 +312,19 @@ class _Row:
 def _collect(base: pd.DataFrame, new: pd.DataFrame, keys: list[str]) -> list[_Row]:
     times = [m for m in time_metrics(base) if m in set(time_metrics(new))]
     counts = [m for m in COUNT_EXPOSURE if _measured(base, m) and _measured(new, m)]
-    new_groups = {k: g for k, g in new.groupby(keys, dropna=False)}
+    columns = [*times, THROUGHPUT, "value", *COUNT_EXPOSURE, *(e for e in COUNT_EXPOSURE.values() if e)]
+    nb, nn = _Numbers(base, keys, columns), _Numbers(new, keys, columns)
     rows = []
-    for key, bg in base.groupby(keys, dropna=False, sort=True):
-        ng = new_groups.get(key)
-        if ng is None:
+    for key in sorted(nb.points, key=lambda k: tuple(map(str, k))):
+        if key not in nn.points:
             continue
+        bi, ni = nb.points[key], nn.points[key]
         point = dict(zip(keys, key))
+        units = set(nb.units[bi]) | set(nn.units[ni])
         for metric, kind in _metrics_of(point["scenario"], times, counts):
-            lower = _lower_is_better(metric, bg, ng)
+            lower = _lower_is_better(metric, units)
             if kind == COUNT:
-                (kb, sb), (kn, sn) = _counts(bg, metric), _counts(ng, metric)
+                (kb, sb), (kn, sn) = nb.counts(bi, metric), nn.counts(ni, metric)
                 if not len(kb) or not len(kn):
                     continue
                 test = rate_ratio_test(kb, sb, kn, sn)
@@ -325,7 +335,7 @@ def _collect(base: pd.DataFrame, new: pd.DataFrame, keys: list[str]) -> list[_Ro
                 rows.append(_Row(point, metric, kind, lower, kb, kn, test,
                                  rates=(kb.sum() / sb.sum(), kn.sum() / sn.sum())))
                 continue
-            b, n = _values(bg, metric), _values(ng, metric)
+            b, n = nb.values(bi, metric), nn.values(ni, metric)
             if not len(b) or not len(n):
                 continue
             if metric == "value" and not lower:

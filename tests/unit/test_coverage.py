@@ -120,7 +120,9 @@ def heavy_tailed(rng, sigma: float, n: int) -> np.ndarray:
 
 def heavy_tailed_median(sigma: float) -> float:
     """The true median of :func:`heavy_tailed`: where 0.9 F(m) + 0.1 F(m/5) = 1/2."""
-    cdf = lambda m: 0.9 * stats.norm.cdf(math.log(m) / sigma) + 0.1 * stats.norm.cdf(math.log(m / 5) / sigma)  # noqa: E731
+    def cdf(m: float) -> float:
+        return 0.9 * stats.norm.cdf(math.log(m) / sigma) + 0.1 * stats.norm.cdf(math.log(m / 5) / sigma)
+
     return optimize.brentq(lambda m: cdf(m) - 0.5, 0.5, 5.0)
 
 
