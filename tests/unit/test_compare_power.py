@@ -23,7 +23,7 @@ import pytest
 from migfd.paths import repo_root
 from migfd.results.compare import compare, machine
 from migfd.results.load import POINT_KEYS, load_results, newest_run
-from migfd.stats import FASTER, IMPROVED, REGRESSED, SAME
+from migfd.stats import FASTER, IMPROVED, REGRESSED, SAME, SLOWER
 
 REFERENCE = newest_run(repo_root() / "benchmarks" / "reference")
 CHANGED = [REGRESSED, IMPROVED]
@@ -143,3 +143,19 @@ def test_resampling_noise_of_the_reference_run_is_never_a_change(reference, seed
     assert len(changes) > 150
     for column in ("verdict", "verdict_normalized"):
         assert flagged(changes, column).empty, show(flagged(changes, column))
+
+
+def test_tripling_every_time_floors_included_reads_as_a_slower_machine(reference):
+    """The other way round: a 3x slower machine. As measured nearly everything regressed; over the
+    floors, nothing did."""
+    everything = pd.Series(True, index=reference.index)
+    new = reference
+    for column in time_columns(reference):
+        new = scaled(new, everything, column, 3.0)
+    rate = reference["unit"].str.endswith("/s")
+    new = scaled(scaled(new, rate, "value", 1 / 3), ~rate, "value", 3.0)
+    assert machine(reference, new).verdict == SLOWER
+    changes = compare(reference, new)
+    timed = changes[changes["kind"] != "count"]
+    assert (timed["verdict"] == REGRESSED).mean() >= 0.8 and not (timed["verdict"] == IMPROVED).any()
+    assert timed["verdict_normalized"].isin(CHANGED).mean() <= 0.05
