@@ -30,6 +30,7 @@ from migfd.devices.base import RunControl
 from migfd.devices.memfd import PAGE, MemoryBackendMemfd
 from migfd.layout import GUEST_PROGRESS_ADDR, MAILBOX_ADDR, TABLE_ADDR, VCPU_PROGRESS_ADDR, first_data_page
 from migfd.peers.migrate import migrate
+from migfd.peers.process import quit_over_qmp
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -278,22 +279,22 @@ def test_without_kvm_the_vm_falls_back_to_threads_and_says_why(workdir):
         proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
     async def body():
-        client = QMPClient("vm")
         deadline = time.monotonic() + 30
-        while True:
+        while True:  # as VMProcess.start: a fresh client for each try, once the socket exists
             assert proc.poll() is None, open(log_path).read()
-            try:
-                await client.connect(qmp_path)
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "no QMP monitor"
-                await asyncio.sleep(0.05)
+            assert time.monotonic() < deadline, "no QMP monitor"
+            if os.path.exists(qmp_path):
+                client = QMPClient("vm")
+                try:
+                    await client.connect(qmp_path)
+                    break
+                except Exception:
+                    await client.disconnect()
+            await asyncio.sleep(0.05)
         try:
-            info = await client.execute("x-query-guest")
-            await client.execute("quit")
+            return await client.execute("x-query-guest")
         finally:
-            await client.disconnect()
-        return info
+            await quit_over_qmp(client, proc)
 
     try:
         info = asyncio.run(asyncio.wait_for(body(), 60))
