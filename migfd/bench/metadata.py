@@ -20,11 +20,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from migfd.paths import in_checkout, repo_root
+from migfd.peers.observe import DEFAULT_MIN_SILENCE_NS, DEFAULT_PERIOD_NS, OWN_GAP_SLACK_NS, realtime
 from migfd.peers.qemu import qemu_version
 
 #: The format of results.csv and metadata.json this code writes (docs/RESULTS.md): both carry it
@@ -178,6 +180,23 @@ def busy_processes(sample_s: float = 0.5, top: int = 5) -> list[dict[str, Any]]:
     return sorted(used, key=lambda p: -p["cpu_percent"])[:top]
 
 
+def observer_conditions() -> dict[str, Any]:
+    """What the outside observers (migfd.peers.observe) can rely on here: real-time priority
+    (tried in a thread of its own, then given back), /dev/kvm, their sampling period."""
+    granted: list[bool] = []
+    probe = threading.Thread(target=lambda: granted.append(realtime()), name="rt-probe")
+    probe.start()
+    probe.join()
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        kvm = True
+    except OSError:
+        kvm = False
+    return {"realtime_allowed": bool(granted and granted[0]), "kvm": kvm,
+            "period_ns": DEFAULT_PERIOD_NS, "min_silence_ns": DEFAULT_MIN_SILENCE_NS,
+            "own_gap_slack_ns": OWN_GAP_SLACK_NS}
+
+
 def base_metadata(args: argparse.Namespace, start: dt.datetime, out: Path, names: list[str]) -> dict:
     """metadata.json as written at the start of a run; the runner fills in the rest."""
     revision = _git("rev-parse", "HEAD")
@@ -202,6 +221,7 @@ def base_metadata(args: argparse.Namespace, start: dt.datetime, out: Path, names
         "busy_processes_start": busy_processes(),
         "cpu_governor": cpu_governors(),
         "socket_limits": socket_limits(),
+        "observers": observer_conditions(),
         "start": iso(start),
         "end": None,
         "duration_s": None,

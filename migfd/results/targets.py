@@ -439,7 +439,7 @@ def _target_precopy_stall(df, meta):
     for size in sorted(set(sc["ram_bytes"].dropna()) & set(q["ram_bytes"].dropna())):
         m, r = sc[sc["ram_bytes"] == size], q[q["ram_bytes"] == size]
         # a stall of 0 (none seen) counts as the observer's threshold: the ratio stays finite
-        floor = float(scenario_info(meta, "ram-size").get("observer_min_silence_ns") or 400_000)
+        floor = float(((meta or {}).get("observers") or {}).get("min_silence_ns") or DEFAULT_MIN_SILENCE_NS)
         ci = ratio_ci(np.maximum(_values(r, "precopy_stall_ns"), floor), np.maximum(_values(m, "precopy_stall_ns"), floor))
         points.append(Point(ci, f"{fmt_bytes(size)}: migfd {fmt_ns(median_of(m['precopy_stall_ns']))} (dirty rate "
                                 f"{fmt_bytes(median_of(m['dirty_rate_bytes_s']))}/s) vs QEMU "
@@ -450,6 +450,8 @@ def _target_precopy_stall(df, meta):
     return _judged("precopy-stall", points, "", "migfd's precopy starves its guest more than QEMU's")
 
 
+#: the observer's shortest reported silence, for runs whose metadata does not say it
+DEFAULT_MIN_SILENCE_NS = 400_000
 #: the scenarios whose VMs have guest RAM, so an outage the observer measures
 OUTAGE_SCENARIOS = ("ram-size", "tap-traffic", "chardev")
 

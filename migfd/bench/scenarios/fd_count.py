@@ -67,7 +67,8 @@ class FdCount(TapScenario):
         why = tap_available()
         return Plan(specs, {"points": [{"n_fds": c, "trials": n} for c in counts],
                             "fd_kind": "multi-queue TAP queues" if self.backend == "tap"
-                            else f"listening chardev sockets (TAP: {why})"})
+                            else f"listening chardev sockets (TAP: {why})",
+                            "outage": "not measured: these VMs have no guest RAM for the observer to watch"})
 
     def trial(self, spec: TrialSpec, ctx: BenchContext) -> Trial:
         return FdCountTrial(spec, ctx, self)

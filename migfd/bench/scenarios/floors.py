@@ -75,6 +75,7 @@ class Floors(TapScenario):
         specs = [TrialSpec(self.name, "floor", t) for t in range(n)]
         config = {k: v for k, v in self.config.__dict__.items() if k != "tap"}
         return Plan(specs, {"trials": n, "config": config,
+                            "outage": "not measured: the floors run no guest",
                             "throughput_reps": {str(s): throughput_reps(s, self.config.throughput_budget)
                                                 for s in sizes}})
 
