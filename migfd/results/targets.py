@@ -19,6 +19,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from migfd.peers.observe import DEFAULT_MIN_SILENCE_NS
 from migfd.results.describe import scenario_info, why_absent
 from migfd.results.load import select
 from migfd.results.summary import (
@@ -450,8 +451,6 @@ def _target_precopy_stall(df, meta):
     return _judged("precopy-stall", points, "", "migfd's precopy starves its guest more than QEMU's")
 
 
-#: the observer's shortest reported silence, for runs whose metadata does not say it
-DEFAULT_MIN_SILENCE_NS = 400_000
 #: the scenarios whose VMs have guest RAM, so an outage the observer measures
 OUTAGE_SCENARIOS = ("ram-size", "tap-traffic", "chardev")
 
