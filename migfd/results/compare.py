@@ -566,8 +566,10 @@ def plot_forest(changes: pd.DataFrame, title: str = "NEW / BASE", floor_ratio: f
     rows = changes.dropna(subset=["ratio"]).copy()
     rows = rows[np.isfinite(rows["ratio"].astype(float)) & (rows["ratio"].astype(float) > 0)]
     changed = rows[_changed(rows)].copy()
+    # the code's share first: changes over the machine's floors, then those the machine may explain
+    changed["_norm"] = changed["verdict_normalized"].map(VERDICT_ORDER).fillna(len(VERDICT_ORDER))
     changed["_order"] = changed["verdict"].map(VERDICT_ORDER)
-    changed = changed.sort_values(["_order", "scenario", "mode", "metric"], kind="stable")
+    changed = changed.sort_values(["_norm", "_order", "scenario", "mode", "metric"], kind="stable")
     hidden = max(0, len(changed) - MAX_CHANGED_LINES)
     changed = changed.iloc[:MAX_CHANGED_LINES].iloc[::-1]
     families = rows.groupby(["scenario", "mode", "metric"], sort=True)
@@ -610,8 +612,8 @@ def plot_forest(changes: pd.DataFrame, title: str = "NEW / BASE", floor_ratio: f
         top.set_yticks(ys)
         top.set_yticklabels([point_label(r) for _, r in changed.iterrows()], fontsize=7)
     more = f" (and {hidden} more: see the table)" if hidden else ""
-    top.set_title(f"What changed{more}\ndot and line: ratio with its 95% interval; hollow diamond: the ratio "
-                  f"over the machine's floors; colour: verdict", fontsize=9)
+    top.set_title(f"What changed{more}, over the machine's floors first\ndot and line: ratio with its 95% "
+                  f"interval; hollow diamond: over the floors; colour: verdict", fontsize=9)
 
     frame(bottom)
     labels, y = [], 0
