@@ -38,8 +38,10 @@ from migfd.units import MiB
 
 #: The column issue 15 adds: guest progress stopped -> progress again, seen by an outside observer.
 OUTAGE = "outage_ns"
-#: Real QEMU's modes in the order the summary shows them.
+#: Real QEMU's modes in the order the summary shows them, with their short names there.
 QEMU_MODES = ("qemu-cpr-transfer", "qemu-ram-shared", "qemu-ram-copied")
+QEMU_SHORT = {"qemu-cpr-transfer": "cpr-transfer", "qemu-ram-shared": "RAM shared (x-ignore-shared)",
+              "qemu-ram-copied": "RAM copied"}
 #: The targets that are ratios to a physical floor measured in the same run, and how to say each.
 FLOOR_TARGETS = {
     "handover-floor": "fd-passing's downtime is {r} the raw handover of the same fds and device-state bytes",
@@ -94,7 +96,7 @@ class Summary:
         if self.verdicts.get(FAIL):
             text += ". **Failing:** " + "; ".join(self.verdicts[FAIL])
         if self.verdicts.get(INCONCLUSIVE):
-            text += ". Inconclusive: " + "; ".join(self.verdicts[INCONCLUSIVE])
+            text += ". Inconclusive: " + ", ".join(self.verdicts[INCONCLUSIVE])
         return text + "."
 
     def table(self) -> str:
@@ -194,7 +196,7 @@ def state_copy_answers(df: pd.DataFrame, outage: bool) -> list[Answer]:
             if f.empty or s.empty:
                 continue
             answers.append(_pair(f, s, _numbers(s, "downtime_ns"), "state copy",
-                                 f"{fmt_bytes(float(size))}, {_live_word(live)}", outage))
+                                 f"{fmt_bytes(float(size))} {_live_word(live)}", outage))
     return answers
 
 
@@ -222,9 +224,9 @@ def qemu_answers(df: pd.DataFrame, outage: bool) -> list[Answer]:
                 continue
             size = sizes[-1]
             at = qs[qs["ram_bytes"] == size]
-            label = mode_label(mode).replace("real QEMU", f"QEMU {version}" if version else "real QEMU")
+            label = f"QEMU {version or '?'} {QEMU_SHORT[mode]}"
             answers.append(_pair(fd[fd["ram_bytes"] == size], at, qemu_downtime(at).dropna().to_numpy(), label,
-                                 f"{fmt_bytes(float(size))}, live", outage))
+                                 f"{fmt_bytes(float(size))} live", outage))
     return answers
 
 
@@ -266,16 +268,15 @@ def floor_sentences(table: pd.DataFrame) -> list[str]:
 
 
 def verdicts_of(table: pd.DataFrame) -> dict[str, list[str]]:
-    """Targets per verdict, in the table's order, each as its key and figure: 'handover-floor 39 [28.4, 46] vs ≤ 10'."""
+    """Targets per verdict, in the table's order, by key; a failing one with its figure and threshold:
+    '`handover-floor` 39 [28.4, 46] vs ≤ 10'."""
     keys = {t.name: key for key, t in TARGETS.items()}
     out: dict[str, list[str]] = {}
     for _, row in table.iterrows():
-        name = keys.get(str(row["target"]), str(row["target"]))
-        if not pd.isna(row["measured"]) and row["verdict"] != PASS:
+        name = f"`{keys.get(str(row['target']), str(row['target']))}`"
+        if row["verdict"] == FAIL and not pd.isna(row["measured"]):
             ci = Interval(float(row["measured"]), float(row["ci_low"]), float(row["ci_high"]), 2)
-            name = f"`{name}` {fmt_interval(ci)} vs {row['threshold']}"
-        elif row["verdict"] != PASS:
-            name = f"`{name}`"
+            name = f"{name} {fmt_interval(ci)} vs {row['threshold']}"
         out.setdefault(str(row["verdict"]), []).append(name)
     return out
 

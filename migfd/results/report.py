@@ -267,6 +267,7 @@ details.migfd-code > summary { cursor: pointer; color: #555; font-size: 85%; pad
 .jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th { padding: 0.25em 0.6em; }
 .jp-RenderedHTMLCommon h1 { margin-top: 0.4em; }
 nav.migfd-contents ul { margin: 0.2em 0; }
+.jp-MarkdownOutput:has(#summary) td:not(:first-child) { white-space: nowrap; }
 </style>
 {%- endblock extra_css -%}
 {% block input_group -%}
