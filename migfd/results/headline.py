@@ -325,7 +325,10 @@ def reference_sentence(base: str | os.PathLike | None, new: str | os.PathLike, n
     if isinstance(machine, dict) and machine.get("verdict"):
         ratio = Interval(*(float(machine.get(k)) if machine.get(k) is not None else math.nan
                            for k in ("floor_ratio", "ci_low", "ci_high")), 2)
-        first = (f"the machine is **{machine['verdict']}** (its floors at {fmt_ratio(ratio)} the reference's)")
+        said = {"faster": "this run's machine is **faster**", "slower": "this run's machine is **slower**",
+                "same": "the machines are **alike**"}.get(machine["verdict"],
+                                                         f"the machines: **{machine['verdict']}** by the floors")
+        first = f"{said} (floor times, this run / the reference: {fmt_ratio(ratio)})"
     else:
         ref_cpu = _reference_cpu(base)
         cpu = new_meta.get("cpu_model")

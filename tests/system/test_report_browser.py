@@ -8,7 +8,9 @@ screen with its answers and verdicts, no code may show there, every figure
 must decode, the page must log no error, the run embedded in the page must
 read back as the files it came from, and every link of the contents must land
 on its section. A screenshot of the first screen is left in the test's
-directory, its path printed, for a reviewer to look at.
+directory, its path printed, for a reviewer to look at. The widest summary, with
+the outage beside the downtime (issue 15's column, on a doctored copy of the
+run), must fit the first screen too.
 
 Without Playwright or Chromium (``make test`` installs both as root) the tests
 skip with the reason; the page is rendered once for the module (about 30 s).
@@ -21,6 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from migfd.paths import repo_root
@@ -53,8 +56,12 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> Path:
     """The report on the committed reference run, rendered once: ``migfd report --results <reference>``."""
-    os.environ.pop("MIGFD_BASE", None)  # the report compares with the reference itself: nothing to compare
-    return report.build_report(REFERENCE, tmp_path_factory.mktemp("report") / "out")
+    base = os.environ.pop("MIGFD_BASE", None)  # the report compares with the reference itself: nothing to compare
+    try:
+        return report.build_report(REFERENCE, tmp_path_factory.mktemp("report") / "out")
+    finally:
+        if base is not None:
+            os.environ["MIGFD_BASE"] = base
 
 
 class Page:
@@ -205,3 +212,32 @@ def _decoded(fragment: str) -> str:
 
     return unquote(fragment)
 
+
+
+def test_a_summary_with_outage_beside_downtime_fits_the_first_screen(browser, tmp_path):
+    # the widest summary: a run with issue 15's outage column (here the reference run's downtimes
+    # stretched, as a doctored copy: no numbers are claimed from it), rendered without the notebooks
+    run = tmp_path / "run"
+    shutil.copytree(REFERENCE, run)
+    raw = pd.read_csv(run / "results.csv", dtype=str, keep_default_na=False)
+    guest = raw["scenario"].isin(["ram-size", "qemu-peer"]) & (raw["downtime_ns"] != "")
+    raw["outage_ns"] = ""
+    raw.loc[guest, "outage_ns"] = [str(int(v) * 2 + 1_000_000) for v in raw.loc[guest, "downtime_ns"]]
+    raw.to_csv(run / "results.csv", index=False)
+    df, meta = load_results(run)
+    index = tmp_path / "index.html"
+    index.write_text(report.to_html(report.combine([], run, meta)), encoding="utf-8")
+    context = browser.new_context(viewport=SCREEN)
+    try:
+        opened = Page(context.new_page())
+        opened.tab.goto(index.as_uri(), wait_until="load")
+        shot = tmp_path / "first-screen-with-outage.png"
+        opened.tab.screenshot(path=str(shot))
+        print(f"first screen of a summary with outage: {shot}")
+        table = opened.tab.evaluate("""() => { const t = document.querySelector('table');
+            const r = t.getBoundingClientRect(); return {bottom: r.bottom, right: r.right, text: t.innerText}; }""")
+        assert "its outage" in table["text"]
+        assert table["bottom"] <= SCREEN["height"] and table["right"] <= SCREEN["width"], table
+        assert not opened.errors, opened.errors
+    finally:
+        context.close()
