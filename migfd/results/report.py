@@ -49,7 +49,8 @@ def _stamp(now: dt.datetime | None = None) -> str:
 
 
 def run_benchmark(quick: bool) -> Path:
-    """``migfd bench`` in its default (or quick) mode, into benchmarks/results/<UTC>-<host>/."""
+    """``migfd bench`` in its default (or quick) mode, into benchmarks/results/<UTC>-<host>/ under the
+    checkout, or under the current directory when migfd is installed (:func:`migfd.paths.output_root`)."""
     try:
         # Only a new run needs the runner (and the VM and QEMU peers under it); a report on
         # existing results must work where they cannot be imported.
