@@ -37,6 +37,11 @@ class GuestConfig:
     duty_period_us: int = 1000
 
 
+def guest_ram(devices: list[Device]) -> list[MemoryBackendMemfd]:
+    """The RAM backends among ``devices``, in order: guest RAM, the first one from address 0."""
+    return [d for d in devices if isinstance(d, MemoryBackendMemfd)]
+
+
 class Accelerator:
     """The interface; see the module docstring. Subclasses: thread, kvm."""
 
@@ -48,8 +53,9 @@ class Accelerator:
         self.requested = self.name
         self.fallback_reason = ""
 
-    def attach(self, ram: list[MemoryBackendMemfd]) -> list[Device]:
-        """Take the VM's RAM (the first backend is guest-physical 0); return the CPU state devices."""
+    def attach(self, devices: list[Device]) -> list[Device]:
+        """Take the VM's RAM among its devices (the first backend is guest-physical 0); return
+        the devices that migrate the CPUs' state."""
         raise NotImplementedError
 
     def setup_firmware(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from migfd.accel.base import Accelerator
+from migfd.accel.base import Accelerator, guest_ram
 from migfd.devices.base import Device, RunControl
 from migfd.devices.memfd import MemoryBackendMemfd
 
@@ -22,13 +22,15 @@ class ThreadAccelerator(Accelerator):
         super().__init__(config)
         self.ram: list[MemoryBackendMemfd] = []
 
-    def attach(self, ram: list[MemoryBackendMemfd]) -> list[Device]:
-        self.ram = ram
+    def attach(self, devices: list[Device]) -> list[Device]:
+        self.ram = guest_ram(devices)
         return []
 
     def start(self, ctl: RunControl) -> None:
         if self.ram:
             self.ram[0].start_progress(ctl)  # the first backend is guest RAM from address 0
+        for dev in self.ram:
+            dev.start_dirtier(ctl, self.config.dirty_rate_bytes_s)
 
     def info(self) -> dict[str, Any]:
         return dict(super().info(), **{"dirty-log": "vmm"})

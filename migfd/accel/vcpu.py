@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from migfd.accel.base import Accelerator, GuestConfig
+from migfd.accel.base import Accelerator, GuestConfig, guest_ram
 from migfd.accel.guest_code import GUEST_CODE
 from migfd.accel.kvm import (
     EINTR,
@@ -284,6 +284,8 @@ class VcpuThread:
             self._quit = True
             self._want_run = False
             self._cond.notify_all()
+        if self.thread.ident is None:
+            return  # never started (the VM failed to build)
         self.request_stop()
         self.thread.join(10)
 
@@ -411,10 +413,11 @@ class KvmAccelerator(Accelerator):
         #: the idle part of each duty period, s (0: the guest never halts)
         self.idle_s = (1 - config.duty) * config.duty_period_us / 1e6 if config.duty < 1 else 0.0
 
-    def attach(self, ram: list[MemoryBackendMemfd]) -> list[Device]:
-        if not ram:
-            raise MigrationError("--accel kvm needs guest RAM (-object memory-backend-memfd,...)")
+    def attach(self, devices: list[Device]) -> list[Device]:
+        ram = guest_ram(devices)
         self.ram = ram
+        if not ram:
+            return []  # a machine without memory (devices only): there is no guest code to run
         base = 0
         for number, dev in enumerate(ram):
             slot = MemorySlot(number, base, dev.size)
@@ -428,6 +431,8 @@ class KvmAccelerator(Accelerator):
 
     def setup_firmware(self) -> None:
         """Guest code, mailbox and boot registers of a fresh guest (an incoming one has them in RAM)."""
+        if not self.ram:
+            return
         ram = self.ram[0]
         assert ram.map is not None
         if len(GUEST_CODE) > GUEST_CODE_MAX_BYTES:
@@ -456,6 +461,8 @@ class KvmAccelerator(Accelerator):
         self.working_set_pages = ws_pages
 
     def start(self, ctl: RunControl) -> None:
+        if not self.vcpus:
+            return
         for vcpu in self.vcpus:
             vcpu.start()
         ctl.add_runner(self)

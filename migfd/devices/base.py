@@ -320,3 +320,7 @@ class Device:
     def info(self) -> dict[str, Any]:
         """Guest-visible counters and checks, for x-query-guest."""
         return {}
+
+    def verify(self) -> dict[str, Any] | None:
+        """What the guest left in this device checked (x-query-guest verify); None: nothing to check."""
+        return None

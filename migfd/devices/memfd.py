@@ -81,7 +81,7 @@ class MemoryBackendMemfd(Device):
     vmsd = VMSD
 
     def __init__(self, id: str, size: int, backend_transfer: bool = False,
-                 dirty_rate_bytes_s: int = 0, seed: int = 0, prefill: bool = False):
+                 seed: int = 0, prefill: bool = False):
         super().__init__(id, backend_transfer)
         self.prefill = prefill
         if size < 2 * PAGE or size % PAGE:
@@ -95,7 +95,6 @@ class MemoryBackendMemfd(Device):
         if self.first_data_page >= self.npages:
             raise MigrationError(f"memory backend '{id}': {size} bytes is too small "
                                  f"(the first {FIRMWARE_BYTES} bytes are firmware, then the page table)")
-        self.dirty_rate_bytes_s = dirty_rate_bytes_s
         self.fd = -1
         self.map: mmap.mmap | None = None
         self._dirty = bytearray(self.npages)
@@ -150,11 +149,15 @@ class MemoryBackendMemfd(Device):
     # -- guest workload --------------------------------------------------------
 
     def start_guest(self, ctl: RunControl) -> None:
-        if self.dirty_rate_bytes_s > 0:
-            self.guests.append(ctl.spawn(f"guest-ram-{self.id}", self._dirtier))
+        """Nothing: what the guest does to RAM is its accelerator's work (migfd.accel)."""
 
-    def _dirtier(self, guest: GuestThread) -> None:
-        pages_per_s = max(1, self.dirty_rate_bytes_s // PAGE)
+    def start_dirtier(self, ctl: RunControl, rate_bytes_s: int) -> None:
+        """The thread accelerator's guest thread that stamps random data pages at ``rate_bytes_s``."""
+        if rate_bytes_s > 0:
+            self.guests.append(ctl.spawn(f"guest-ram-{self.id}", self._dirtier, rate_bytes_s))
+
+    def _dirtier(self, guest: GuestThread, rate_bytes_s: int) -> None:
+        pages_per_s = max(1, rate_bytes_s // PAGE)
         batch = max(1, pages_per_s // 1000)  # ~1 ms of work between checks
         interval_s = batch / pages_per_s
         poller = select.poll()
@@ -243,14 +246,15 @@ class MemoryBackendMemfd(Device):
             self._dirty[table_at // PAGE] = 1
         self.pages_dirtied += 1
 
-    def verify(self) -> dict[str, Any]:
-        """Check every page against the generation table; raises nothing, reports.
+    def verify(self) -> dict[str, Any] | None:
+        """Check every page against the generation table; raises nothing, reports (None: no RAM here).
 
         A stamped page must hold its index, generation and check word where
         :meth:`stamp` writes them; a page never stamped must be zero. It reads
         RAM through views, a slice at a time: GiBs are checked without a copy.
         """
-        assert self.map is not None
+        if self.map is None:
+            return None  # released (a source after its migration) or not arrived yet
         words = np.frombuffer(self.map, dtype="<u8").reshape(self.npages, PAGE // 8)
         table = self._table()
         in_flight = self.pages_in_flight()

@@ -55,7 +55,7 @@ def opt_size(text: str) -> int:
         raise MigrationError(f"'{text}' is not a size") from None
 
 
-def from_options(group: str, text: str, *, dirty_rate_bytes_s: int = 0) -> Device:
+def from_options(group: str, text: str) -> Device:
     """``group`` is "object", "netdev" or "chardev"; ``text`` its option string."""
     driver, opts = parse_opts(text)
     dev_id = opts.pop("id")
@@ -64,7 +64,6 @@ def from_options(group: str, text: str, *, dirty_rate_bytes_s: int = 0) -> Devic
         if "size" not in opts:
             raise MigrationError(f"memory-backend-memfd '{dev_id}' needs size=")
         dev: Device = MemoryBackendMemfd(dev_id, opt_size(opts.pop("size")), transfer,
-                                         dirty_rate_bytes_s=dirty_rate_bytes_s,
                                          prefill=opt_bool(opts, "fill"))
     elif group == "netdev" and driver == "tap":
         if "ifname" not in opts:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import VMGroup
+from helpers import KVM_UNUSABLE, VMGroup
 
 from migfd.errors import StreamError
 from migfd.stream import StreamReader
@@ -375,7 +375,9 @@ def test_inspect_reads_a_migfd_file_migration(migfd_stream):
     iterations = info["ram"]["dirty-sync-count"]
     assert kinds[0] == ("START", "ram")
     assert kinds[1:1 + iterations] == [("PART", "ram")] * iterations
-    assert kinds[1 + iterations:] == [("END", "ram"), ("FULL", "ram0/memory-backend-memfd"),
+    # a guest on KVM has a vCPU, whose section comes before the devices' (as in QEMU)
+    cpus = [("FULL", "cpu")] if not KVM_UNUSABLE else []
+    assert kinds[1 + iterations:] == [("END", "ram"), *cpus, ("FULL", "ram0/memory-backend-memfd"),
                                       ("FULL", "ch0/chardev-socket"), ("FULL", "migfd-migration")]
     check_sections_against_bytes(data, sections)
     # SWITCHOVER_START (11), between the last PART and the END.
@@ -384,7 +386,8 @@ def test_inspect_reads_a_migfd_file_migration(migfd_stream):
     assert sections[iterations]["offset"] < summary["commands"][0]["offset"] < end["offset"]
 
     devices = {d["name"]: d for d in summary["vmdesc"]["devices"]}
-    assert set(devices) == {"ram0/memory-backend-memfd", "ch0/chardev-socket", "migfd-migration"}
+    assert set(devices) == {"ram0/memory-backend-memfd", "ch0/chardev-socket", "migfd-migration",
+                            *(name for _, name in cpus)}
     ram_fields = [f["name"] for f in devices["ram0/memory-backend-memfd"]["fields"]]
     assert ram_fields[:2] == ["size", "pages_dirtied"]
     chardev_fields = [f["name"] for f in devices["ch0/chardev-socket"]["fields"]]

@@ -116,8 +116,12 @@ def test_tap_fds_must_be_the_expected_interface():
                 os.close(x)
 
 
-def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms):
-    """A source (played by the test) hands over a pipe where the memfd belongs."""
+def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms, thread_accel):
+    """A source (played by the test) hands over a pipe where the memfd belongs.
+
+    The destination runs on the thread accelerator: the source played here sends
+    no vCPU state, which a KVM destination would miss before it looked at RAM.
+    """
     async def body():
         dst = await vms.start("dst", incoming="defer",
                               objects=("memory-backend-memfd,id=ram0,size=1M,backend-transfer=on",))
