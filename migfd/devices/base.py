@@ -236,9 +236,18 @@ class RunControl:
             guest.close()
 
 
-def section_key(name: str, instance_id: int) -> str:
-    """A section's idstr, with its instance id when that is not 0 ("cpu", "cpu:1", ...)."""
-    return name if instance_id == 0 else f"{name}:{instance_id}"
+#: every device kind a command line can name, by (option group, driver): filled by
+#: :func:`register_device` as each device module is imported (migfd.devices imports them all)
+DEVICE_KINDS: dict[tuple[str, str], type["Device"]] = {}
+
+
+def register_device(cls: type["Device"]) -> type["Device"]:
+    """Class decorator: ``-<cls.group> <cls.kind>,...`` builds a ``cls`` (see :meth:`Device.from_opts`)."""
+    key = (cls.group, cls.kind)
+    if key in DEVICE_KINDS and DEVICE_KINDS[key] is not cls:
+        raise TypeError(f"-{cls.group} {cls.kind} is registered twice")
+    DEVICE_KINDS[key] = cls
+    return cls
 
 
 def section_key(name: str, instance_id: int) -> str:
@@ -249,7 +258,8 @@ def section_key(name: str, instance_id: int) -> str:
 class Device:
     """Base of every device (backends, vCPU state); subclasses define ``vmsd`` and the hooks."""
 
-    #: the QEMU option group it is given with (-object, -netdev, -chardev)
+    #: the QEMU option group it is given with (object, netdev, chardev) and its driver there
+    group = ""
     kind = ""
     vmsd: VMStateDescription
 
@@ -259,6 +269,12 @@ class Device:
         self.backend_transfer = backend_transfer
         #: this device's guest threads (see start_guest)
         self.guests: list[GuestThread] = []
+
+    @classmethod
+    def from_opts(cls, id: str, opts: dict[str, str], backend_transfer: bool) -> "Device":
+        """Build one from its command line's options, taking out of ``opts`` each it knows
+        (what is left is an unknown option); ``id`` and backend-transfer are taken already."""
+        raise NotImplementedError
 
     def leave_polls(self) -> None:
         """Make the guest threads drop the backend files their polls still hold (after closing them)."""

@@ -14,7 +14,8 @@ import select
 import socket
 from typing import Any
 
-from migfd.devices.base import Device, GuestThread, RunControl
+from migfd.devices.base import Device, GuestThread, RunControl, register_device
+from migfd.devices.qemu_opts import opt_bool
 from migfd.errors import MigrationError
 from migfd.units import KiB
 from migfd.stream import Bool, Fd, Subsection, UInt64, VBuffer, VMStateDescription
@@ -36,11 +37,22 @@ VMSD = VMStateDescription(
     ))
 
 
+@register_device
 class ChardevSocket(Device):
     """``-chardev socket,id=ID,path=PATH,server=on[,backend-transfer=on]``."""
 
+    group = "chardev"
     kind = "socket"
     vmsd = VMSD
+
+    @classmethod
+    def from_opts(cls, id: str, opts: dict[str, str], backend_transfer: bool) -> "ChardevSocket":
+        if "path" not in opts:
+            raise MigrationError(f"chardev socket '{id}' needs path=")
+        if not opt_bool(opts, "server", False):
+            raise MigrationError(f"chardev socket '{id}': only server=on is supported")
+        opt_bool(opts, "wait", False)
+        return cls(id, opts.pop("path"), backend_transfer)
 
     def __init__(self, id: str, path: str, backend_transfer: bool = False, mode: int = 0o600):
         super().__init__(id, backend_transfer)

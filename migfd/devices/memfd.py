@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from migfd.devices.base import Device, GuestThread, RunControl
+from migfd.devices.base import Device, GuestThread, RunControl, register_device
+from migfd.devices.qemu_opts import opt_bool, opt_size
 from migfd.errors import MigrationError
 from migfd.fds import close_fd
 from migfd.layout import (
@@ -74,9 +75,11 @@ def check_word(index: int, generation: int) -> int:
     return (index ^ (generation * _GOLDEN)) & _MASK64
 
 
+@register_device
 class MemoryBackendMemfd(Device):
-    """``-object memory-backend-memfd,id=ID,size=SIZE[,backend-transfer=on]``."""
+    """``-object memory-backend-memfd,id=ID,size=SIZE[,fill=on][,backend-transfer=on]``."""
 
+    group = "object"
     kind = "memory-backend-memfd"
     vmsd = VMSD
 
@@ -105,6 +108,12 @@ class MemoryBackendMemfd(Device):
         #: (KVM's dirty log: ``start()``, ``stop()``, ``collect(bitmap)``, ``info()``); None:
         #: every write to this RAM is the VMM's and marks the bitmap itself
         self.dirty_log: Any = None
+
+    @classmethod
+    def from_opts(cls, id: str, opts: dict[str, str], backend_transfer: bool) -> "MemoryBackendMemfd":
+        if "size" not in opts:
+            raise MigrationError(f"memory-backend-memfd '{id}' needs size=")
+        return cls(id, opt_size(opts.pop("size")), backend_transfer, prefill=opt_bool(opts, "fill"))
 
     @property
     def block_id(self) -> str:

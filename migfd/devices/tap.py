@@ -16,7 +16,8 @@ import os
 import select
 from typing import Any
 
-from migfd.devices.base import Device, GuestThread, RunControl
+from migfd.devices.base import Device, GuestThread, RunControl, register_device
+from migfd.devices.qemu_opts import opt_bool
 from migfd.errors import MigrationError
 from migfd.fds import close_fd
 from migfd.net import ethernet, netns, tun
@@ -39,11 +40,22 @@ VMSD = VMStateDescription(
     subsections=(Subsection(_BACKEND, needed=lambda state: state.get("queue_fds") is not None),))
 
 
+@register_device
 class TapNetdev(Device):
     """``-netdev tap,id=ID,ifname=NAME[,queues=N][,vnet_hdr=on][,backend-transfer=on]``."""
 
+    group = "netdev"
     kind = "tap"
     vmsd = VMSD
+
+    @classmethod
+    def from_opts(cls, id: str, opts: dict[str, str], backend_transfer: bool) -> "TapNetdev":
+        if "ifname" not in opts:
+            raise MigrationError(f"netdev tap '{id}' needs ifname=")
+        queues = opts.pop("queues", "1")
+        if not queues.isdigit():
+            raise MigrationError(f"netdev tap '{id}': queues={queues} is not a number")
+        return cls(id, opts.pop("ifname"), int(queues), opt_bool(opts, "vnet_hdr"), backend_transfer)
 
     def __init__(self, id: str, ifname: str, queues: int = 1, vnet_hdr: bool = False,
                  backend_transfer: bool = False):
