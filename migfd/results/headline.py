@@ -97,6 +97,8 @@ class Summary:
             text += ". **Failing:** " + "; ".join(self.verdicts[FAIL])
         if self.verdicts.get(INCONCLUSIVE):
             text += ". Inconclusive: " + ", ".join(self.verdicts[INCONCLUSIVE])
+        if self.verdicts.get(NOT_MEASURED):
+            text += ". Not measured (02 says why): " + ", ".join(self.verdicts[NOT_MEASURED])
         return text + "."
 
     def table(self) -> str:
