@@ -47,6 +47,7 @@ from migfd.accel.kvm import (
     RFLAGS_BOOT,
     KvmError,
     KvmSegment,
+    KvmSregs,
     KvmVM,
     MemorySlot,
     Vcpu,
@@ -135,20 +136,31 @@ def _load_segment(seg: KvmSegment, state: dict[str, int]) -> None:
     seg.unusable = 0 if seg.present else 1
 
 
-def save_cpu(vcpu: Vcpu) -> dict[str, Any]:
-    """A stopped vCPU's state as the ``cpu`` section holds it."""
+def save_cpu(vcpu: Vcpu, mode: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A stopped vCPU's state as the ``cpu`` section holds it.
+
+    ``mode``: the control and segment registers as this VMM last set them
+    (:func:`mode_state`), taken instead of asking KVM. The guest runs at CPL 3,
+    where it can change none of them, and each vCPU ioctl costs about 100 µs
+    nested here, inside the downtime.
+    """
     regs = vcpu.get_regs()
-    sregs = vcpu.get_sregs()
     state: dict[str, Any] = {name: getattr(regs, name) for name in REGISTER_NAMES + ("rip", "rflags")}
-    state.update({name: getattr(sregs, name) for name in CONTROL_NAMES})
+    state.update(mode if mode is not None else mode_state(vcpu.get_sregs()))
     state["tsc"] = vcpu.get_tsc()
+    return state
+
+
+def mode_state(sregs: KvmSregs) -> dict[str, Any]:
+    """The control and segment registers of a ``cpu`` section."""
+    state: dict[str, Any] = {name: getattr(sregs, name) for name in CONTROL_NAMES}
     for name in SEGMENT_NAMES:
         state[name] = _segment_state(getattr(sregs, name))
     return state
 
 
-def load_cpu(vcpu: Vcpu, state: dict[str, Any]) -> None:
-    """Put a ``cpu`` section's state into a vCPU that is not running."""
+def load_cpu(vcpu: Vcpu, state: dict[str, Any]) -> KvmSregs:
+    """Put a ``cpu`` section's state into a vCPU that is not running; returns the mode set."""
     sregs = vcpu.get_sregs()
     for name in SEGMENT_NAMES:
         _load_segment(getattr(sregs, name), state[name])
@@ -163,10 +175,12 @@ def load_cpu(vcpu: Vcpu, state: dict[str, Any]) -> None:
     # deadlines are in its terms. (Nested on PVM the guest reads the host's TSC, which
     # two processes on one host share anyway.)
     vcpu.set_tsc(state["tsc"])
+    return sregs
 
 
-def boot_cpu(vcpu: Vcpu) -> None:
-    """A fresh vCPU at the guest's entry: long mode at CPL 3, RSI = its index, its own stack."""
+def boot_cpu(vcpu: Vcpu) -> KvmSregs:
+    """A fresh vCPU at the guest's entry: long mode at CPL 3, RSI = its index, its own stack;
+    returns the mode set."""
     sregs = vcpu.get_sregs()
     long_mode_user_sregs(sregs, PML4_ADDR)
     vcpu.set_sregs(sregs)
@@ -176,6 +190,7 @@ def boot_cpu(vcpu: Vcpu) -> None:
     regs.rsi = vcpu.index
     regs.rflags = RFLAGS_BOOT
     vcpu.set_regs(regs)
+    return sregs
 
 
 def write_page_tables(ram) -> None:
@@ -212,14 +227,12 @@ class CpuDevice(Device):
         pass  # the accelerator runs the vCPU
 
     def save_state(self, handover: bool) -> dict[str, Any]:
-        # A vCPU that has not run since it received its state (a paused destination) sends that.
-        state = self.vcpu.pending if self.vcpu.pending is not None else self.vcpu.saved
-        if state is None:
+        if self.vcpu.saved is None:
             raise MigrationError(f"vCPU {self.vcpu.index} has no state to save")
-        return state
+        return self.vcpu.saved
 
     def load_state(self, state: dict[str, Any], received_fds: tuple[int, ...]) -> None:
-        self.vcpu.pending = state  # loaded by the vCPU's thread before it runs again
+        self.vcpu.load(state)
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "instance-id": self.instance_id}
@@ -240,9 +253,10 @@ class VcpuThread:
         self._parked = False
         self._quit = False
         self._kick = threading.Event()  # cuts an idle sleep short
-        #: state to load before the next KVM_RUN (boot, or a destination's cpu section)
-        self.pending: dict[str, Any] | None = None
+        #: set up the boot state before the next KVM_RUN (a fresh guest)
         self._boot = False
+        #: the control and segment registers as this VMM set them last (see save_cpu)
+        self._mode: dict[str, Any] | None = None
         #: the state saved at the last stop (what the cpu section sends)
         self.saved: dict[str, Any] | None = None
         self.exits: dict[str, int] = {}
@@ -307,21 +321,32 @@ class VcpuThread:
                 try:
                     self._load()
                     self._run()
-                    self.saved = save_cpu(self.vcpu)
-                except KvmError as exc:
-                    self.error = str(exc)
-                    log.error("vCPU %d: %s", self.index, exc)
+                    self.saved = save_cpu(self.vcpu, self._mode)
+                except Exception as exc:  # the vCPU stops for good; x-query-guest shows why
+                    self.error = str(exc) if isinstance(exc, KvmError) else f"{type(exc).__name__}: {exc}"
+                    log.error("vCPU %d: %s", self.index, self.error)
         finally:
             with self._cond:
                 self._parked = True
                 self._cond.notify_all()
 
+    def load(self, state: dict[str, Any]) -> None:
+        """A destination's cpu section into the parked vCPU, from the migration's thread.
+
+        Loaded now, while the destination loads its devices, not by the vCPU's
+        thread when it first runs: its ioctls (about 100 µs each, nested) would
+        sit between the resume the migration reports and the guest running.
+        """
+        with self._cond:
+            if not self._parked and self.thread.ident is not None:
+                raise MigrationError(f"vCPU {self.index} runs: its state cannot be loaded")
+            self._mode = mode_state(load_cpu(self.vcpu, state))
+            self._boot = False
+            self.saved = state  # what it holds until it runs (a paused destination sends it on)
+
     def _load(self) -> None:
-        if self.pending is not None:
-            load_cpu(self.vcpu, self.pending)
-            self.pending = None
-        elif self._boot:
-            boot_cpu(self.vcpu)
+        if self._boot:
+            self._mode = mode_state(boot_cpu(self.vcpu))
         self._boot = False
 
     def _run(self) -> None:
@@ -424,6 +449,9 @@ class KvmAccelerator(Accelerator):
             base += dev.size
             self._slots.append((dev, slot))
             dev.dirty_log = KvmDirtyLogSource(self, slot)
+            # The slot follows the RAM's mapping as soon as it changes: a destination
+            # maps what it received while it loads devices, not after it resumed.
+            dev.on_map.append(self._map_slots)
         for index in range(self.config.smp):
             self.vcpus.append(VcpuThread(self, self.vm.create_vcpu(index)))
         self.tsc_khz = self.vcpus[0].vcpu.tsc_khz()

@@ -25,7 +25,7 @@ import stat
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -108,6 +108,9 @@ class MemoryBackendMemfd(Device):
         #: (KVM's dirty log: ``start()``, ``stop()``, ``collect(bitmap)``, ``info()``); None:
         #: every write to this RAM is the VMM's and marks the bitmap itself
         self.dirty_log: Any = None
+        #: called after this RAM is mapped anew (created, or adopted from a source): an
+        #: accelerator points its memory slot at the new mapping there and then
+        self.on_map: list[Callable[[], None]] = []
 
     @classmethod
     def from_opts(cls, id: str, opts: dict[str, str], backend_transfer: bool) -> "MemoryBackendMemfd":
@@ -142,6 +145,8 @@ class MemoryBackendMemfd(Device):
     def _adopt(self, fd: int) -> None:
         self.fd = fd
         self.map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        for mapped in self.on_map:
+            mapped()
 
     def owned_fds(self) -> list[int]:
         return [self.fd] if self.fd >= 0 else []
