@@ -20,7 +20,7 @@ from helpers import proc_fds
 
 from migfd.bench.floors import (
     THROUGHPUT_REPS, BackendFds, FloorConfig, FloorTap, HandoverProfile, Peer, allocated_mapping,
-    floor_rows, handover, throughput_reps,
+    floor_rows, handover, ping, throughput_reps,
 )
 from migfd.bench.scenario import BenchContext
 from migfd.bench.scenarios.floors import throughput_sizes
@@ -94,6 +94,9 @@ def test_with_a_tap_a_vm_hands_over_a_tap_queue_and_fd_count_its_queues(netns_ta
 def test_the_handover_floor_is_state_and_fds_an_acknowledgement_and_the_eof():
     with Peer() as peer, BackendFds() as backends:
         fds = backends.whole_vm(3, None)
+        # The child answers only once it is up: its fds counted earlier could include the
+        # files its imports have open for a moment.
+        ping(peer, 1)
         child_fds_before = len(proc_fds(peer.proc.pid))
         start = time.monotonic_ns()
         times = handover(peer, os.urandom(350), fds, reps=20)
