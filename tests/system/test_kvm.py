@@ -121,7 +121,7 @@ def test_dirty_log_holds_every_page_the_guest_stamped():
         assert all(accel.info()["vcpus"][i]["progress"] > 0 for i in range(2))
         for cpu in cpus:
             state = cpu.save_state(handover=False)
-            assert state["cs"]["flags"] >> 21 & 1, "not in 64-bit mode"
+            assert state["cs_flags"] >> 21 & 1, "not in 64-bit mode"
             assert state["rsi"] == cpu.instance_id
         report = ram.verify()
         assert report["ok"] and report["pages-stamped"] > 0, report

@@ -31,11 +31,12 @@ def test_guest_code_fits_and_follows_the_layout():
 
 
 def test_cpu_section_round_trips():
-    segment = {"selector": 0x2B, "base": 0, "limit": 0xFFFFFFFF, "flags": 0xA0FB00}
     state = {name: i + 1 for i, name in enumerate(
         ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags", "cr0", "cr3", "cr4", "efer"))}
     state["tsc"] = 1 << 40
-    state.update({name: dict(segment) for name in ("cs", "ds", "es", "fs", "gs", "ss")})
+    for seg in ("cs", "ds", "es", "fs", "gs", "ss"):
+        state.update({f"{seg}_selector": 0x2B, f"{seg}_base": 0, f"{seg}_limit": 0xFFFFFFFF,
+                      f"{seg}_flags": 0xA0FB00})
     sink = MemorySink()
     save_vmstate(sink, CPU_VMSD, state)
     data = sink.getvalue()
