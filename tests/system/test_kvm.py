@@ -30,7 +30,7 @@ from migfd.devices.base import RunControl
 from migfd.devices.memfd import PAGE, MemoryBackendMemfd
 from migfd.layout import GUEST_PROGRESS_ADDR, MAILBOX_ADDR, TABLE_ADDR, VCPU_PROGRESS_ADDR, first_data_page
 from migfd.peers.migrate import migrate
-from migfd.peers.process import quit_over_qmp
+from migfd.peers.process import VMProcess, quit_over_qmp
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -307,3 +307,42 @@ def test_without_kvm_the_vm_falls_back_to_threads_and_says_why(workdir):
     assert accel["fallback-reason"].startswith("/dev/kvm") or "ioctl" in accel["fallback-reason"], accel
     assert not any(dev["id"].startswith("cpu") for dev in info["devices"])
     assert "running the guest on threads" in open(log_path).read()
+
+
+@needs_kvm
+def test_two_vcpus_migrate_each_in_its_own_cpu_section(vms):
+    """-smp 2: two cpu sections (instance ids 0 and 1) travel, and both vCPUs run on where they arrive."""
+    async def body():
+        rate = 8 << 20
+        src = await start_smp(vms, "src", 2, objects=(ram_opt(),), dirty_rate_bytes_s=rate)
+        dst = await start_smp(vms, "dst", 2, objects=(ram_opt(),), dirty_rate_bytes_s=rate,
+                              incoming="defer")
+        assert [v["index"] for v in (await guest(src))["accel"]["vcpus"]] == [0, 1]
+        await wait_until(lambda: stamped(src), what="the guest stamping pages")
+        result = await migrate(src, dst, f"unix:{vms.path('mig.sock')}",
+                               {"backend-transfer": False, "downtime-limit": 0, "x-max-iterations": 2})
+        assert result.ok, result.error
+        ram = (await dst.execute("x-query-guest", {"verify": True}))["ram-verify"]["ram0"]
+        assert ram["ok"] and ram["pages-stamped"] == DATA_PAGES, ram
+        counter = ProgressCounter(dst.pid)
+        try:
+            for index in range(2):
+                await moves_at(counter, VCPU_PROGRESS_ADDR + 4 * index, f"vCPU {index} on the destination")
+        finally:
+            counter.close()
+
+    run_vm_test(vms, body)
+
+
+async def start_smp(vms, name: str, smp: int, **kwargs):
+    """A VM of ``vms`` with ``smp`` vCPUs (the harness knows no -smp: the option is added here)."""
+    vm = VMProcess(name, vms.workdir, **kwargs)
+    vm.argv += ["--smp", str(smp)]
+    vms.vms.append(vm)
+    await vm.start()
+    return vm
+
+
+async def moves_at(counter: ProgressCounter, addr: int, what: str) -> None:
+    first = counter.read(addr)
+    await wait_until(lambda: counter.read(addr) != first, what=what)
