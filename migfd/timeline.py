@@ -19,8 +19,9 @@ source
     ``switchover-start``, ``iterable-save`` (the RAM END with the last dirty
     pages), ``device-save`` around one ``save:<idstr>`` per device section,
     ``fds-sent`` (one sendmsg carrying fds), ``ping``, ``wait-pong``,
-    ``commit`` (a point), ``eof`` (EOF written and flushed), ``vmdesc``,
-    ``wait-resumed``, ``release`` (backends closed, after the resume and
+    ``vmdesc-build`` (the device description built while the destination
+    loads), ``commit`` (a point), ``eof`` (EOF and the vmdesc written and
+    flushed together), ``wait-resumed``, ``release`` (backends closed, after the resume and
     after total-time), ``rollback`` (a failed or cancelled migration).
     From ``stop`` on they form a :class:`Chain`.
 destination
@@ -33,7 +34,9 @@ destination
     (a point), ``load:<idstr>`` (a device section parsed, its fds claimed),
     ``load-devices`` around one ``post-load:<idstr>`` per device (received
     fds validated and adopted, or the backend re-created), ``pong``, ``eof``
-    (a point), ``resume`` (guest threads released), ``resumed-report``.
+    (a point), ``load-vmdesc`` (the device description read: the guest runs
+    only after it, as in QEMU), ``resume`` (to the instant the downtime ends),
+    ``vm-start`` (the guest let run, after it), ``resumed-report``.
 both
     ``status:<status>`` (a MIGRATION event emitted; its cost is the
     monitor's thread waking up).

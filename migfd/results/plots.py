@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-from migfd.results.describe import why_absent
+from migfd.results.describe import scenario_info, why_absent
 from migfd.results.load import select
 from migfd.results.summary import (
     MODE_LABELS,
@@ -147,11 +147,11 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
     raw throughput (what a state copy cannot beat), and the raw handover of
     the same fds and device state (what fd-passing cannot beat).
     """
-    fig, (ax_down, ax_total) = _figure(2, height=5.6)
+    fig, (ax_down, ax_outage, ax_total) = _figure(3, width=5.2, height=5.8)
     rows = df[df["scenario"].isin(["ram-size", "qemu-peer"])]
     if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
         why = why_absent(df, metadata, "ram-size", "successful trials")
-        for ax in (ax_down, ax_total):
+        for ax in (ax_down, ax_outage, ax_total):
             _no_data(ax, why)
         fig.suptitle("Downtime vs guest RAM size: no data")
         return fig
@@ -160,15 +160,20 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
     rows = rows.assign(_downtime=rows["downtime_ns"].astype("float64"))
     rows.loc[qemu, "_downtime"] = qemu_downtime(rows[qemu])
     events = qemu_has_events(rows[qemu])
-    for ax, metric, what in ((ax_down, "_downtime", "downtime"), (ax_total, "total_ns", "total time")):
+    panels = [(ax_down, "_downtime", "downtime"), (ax_outage, "outage_ns", "outage"), (ax_total, "total_ns", "total time")]
+    if not rows["outage_ns"].notna().any():
+        _no_data(ax_outage, "no outage in this run: it is older than the guest-progress observer")
+        panels.pop(1)
+    for ax, metric, what in panels:
         pts_all = summarize(rows, metric)
-        # one series per point kind: a QEMU version and a variant (filled/idle RAM) are series of their own
-        for (scenario, mode, variant, version, live), pts in pts_all.groupby(
-                ["scenario", "mode", "variant", "peer_version", "live"], dropna=False):
+        # one series per point kind: a QEMU version, its accelerator and a variant (filled/idle RAM)
+        # are series of their own
+        for (scenario, mode, variant, version, accel, live), pts in pts_all.groupby(
+                ["scenario", "mode", "variant", "peer_version", "accel", "live"], dropna=False):
             live_text = live_label(live)
             label = mode_label(mode)
             if version:
-                label = label.replace("real QEMU", f"QEMU {version}")
+                label = label.replace("real QEMU", f"QEMU {version}" + (f" {accel.upper()}" if accel else ""))
             label += (f" ({variant})" if variant else "") + (f", {live_text}" if live_text else "")
             if scenario == "qemu-peer":
                 same = (rows["mode"] == mode) & (rows["variant"] == variant) & (rows["peer_version"] == version)
@@ -177,6 +182,8 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
                 else:
                     label += _resolution_note(rows[same][metric])
                 marker = "D" if str(version).startswith("7.") or not version else "v"
+                if accel == "tcg":
+                    marker = "x"
             else:
                 marker = "s" if is_live(live) is False else "o"
             _draw_series(ax, pts, "ram_bytes", label, mode_color(mode), marker=marker,
@@ -208,9 +215,10 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
         if math.isnan(rate) or not len(hand):
             ax.text(0.01, 0.01, _floor_note(df, metadata, "unix-throughput/handover-floor"),
                     transform=ax.transAxes, fontsize=7, color="#444444")
-    ax_down.set_title("Downtime (guest stopped → running on the destination)")
-    ax_total.set_title("Total time (migrate issued → completed)")
-    _fig_legend(fig, ax_down)
+    ax_down.set_title("Downtime as the VMs report it", fontsize=10)
+    ax_outage.set_title("Outage seen from outside\n(last guest progress → first again)", fontsize=10)
+    ax_total.set_title("Total time (migrate issued → completed)", fontsize=10)
+    _fig_legend(fig, ax_down, 3)
     fig.suptitle("fd-passing vs state copy against guest RAM size — lines: medians with 95% intervals (bars), "
                  "light bands: p5–p95 of trials; dashed/hollow: non-live (guest stopped first)", fontsize=10)
     return fig
@@ -549,4 +557,40 @@ def plot_throughput(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
     ax.set_title("Non-live state-copy throughput vs the raw AF_UNIX floor at the same size (ram-size, limits)\n"
                  "bytes through the channel / downtime (guest stopped → resumed: the copy alone); "
                  "medians with 95% intervals" + mem_text, fontsize=9)
+    return fig
+
+
+def plot_dirty_rate(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
+    """Downtime and outage against the dirty rate the guest really reached (dirty-rate), per mode.
+
+    x is each point's median achieved rate (the guest's stamped pages before the
+    migration); state copy with a raised downtime-limit is a series of its own.
+    """
+    fig, (ax_down, ax_outage) = _figure(2, height=4.8)
+    rows = select(df, "dirty-rate")
+    if rows.empty or not rows["value"].notna().any():
+        why = why_absent(df, metadata, "dirty-rate", "trials with a measured dirty rate")
+        for ax in (ax_down, ax_outage):
+            _no_data(ax, why)
+        fig.suptitle("Downtime vs dirty rate: no data")
+        return fig
+    rate = rows.groupby(["mode", "variant"])["value"].median().rename("_rate") / MiB
+    limit = scenario_info(metadata, "dirty-rate").get("raised_downtime_limit_ms")
+    for ax, metric, what in ((ax_down, "downtime_ns", "downtime (reported)"), (ax_outage, "outage_ns", "outage (observer)")):
+        pts = summarize(rows, metric).join(rate, on=["mode", "variant"])
+        raised = pts["variant"].str.contains("-limit-")
+        for (mode, is_raised), g in pts.groupby([pts["mode"], raised]):
+            label = mode_label(mode) + (f", downtime-limit {limit} ms" if is_raised else "")
+            _draw_series(ax, g, "_rate", label, mode_color(mode), dashed=bool(is_raised), marker="o")
+        ax.set_yscale("log")
+        ax.set_xlabel("dirty rate the guest reached (MiB/s, median of the trials)")
+        ax.set_ylabel(f"{what} (ms, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_down.set_title("Downtime as the VMs report it", fontsize=10)
+    ax_outage.set_title("Outage seen from outside", fontsize=10)
+    _fig_legend(fig, ax_down, 3)
+    size = rows["ram_bytes"].dropna()
+    accel = ", ".join(sorted(set(rows["accel"]) - {""})) or "?"
+    fig.suptitle(f"Live migration of {fmt_bytes(float(size.iloc[0])) if len(size) else '?'} while the guest "
+                 f"dirties RAM ({accel}): fd-passing copies no page; state copy must catch up", fontsize=10)
     return fig
