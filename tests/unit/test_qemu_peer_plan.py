@@ -95,9 +95,11 @@ def _plan(qemus: list[QemuBinary], sizes: list[int], trials: int = 2, accels: tu
 
 
 def test_plan_per_accelerator():
-    plan = _plan([QEMU_10], [64 * MiB], accels=("kvm", "tcg"))
-    combos = {(s.mode, s.variant, s.accel) for s in plan.specs}
-    assert combos == {(m, v, a) for m in modes_of(QEMU_10) for v in (IDLE, FILLED) for a in ("kvm", "tcg")}
+    plan = _plan([QEMU_10], [64 * MiB, 256 * MiB], accels=("kvm", "tcg"))
+    combos = {(s.mode, s.variant, s.accel, s.ram_bytes) for s in plan.specs}
+    small = {(m, v, a, 64 * MiB) for m in modes_of(QEMU_10) for v in (IDLE, FILLED) for a in ("kvm", "tcg")}
+    large = {(m, FILLED, "kvm", 256 * MiB) for m in modes_of(QEMU_10)}  # TCG beside KVM at the smallest only
+    assert combos == small | large
     assert {s.row()["accel"] for s in plan.specs} == {"kvm", "tcg"}
     assert "accel" in COLUMNS
 

@@ -3,7 +3,8 @@
 The QEMUs are the system's ``qemu-system-x86_64`` and those of ``--qemu`` /
 ``$MIGFD_QEMU`` (:func:`migfd.peers.qemu.find_qemus`); each row names its QEMU
 in ``peer_version`` and its accelerator in ``accel`` (``kvm`` where /dev/kvm
-opens, and ``tcg`` always). The guest is a ``pc`` machine with one vCPU
+opens, and ``tcg``: both at the smallest size, above it ``kvm`` alone where
+there is KVM, to keep the default run within its time). The guest is a ``pc`` machine with one vCPU
 running the counting ``-bios`` image of :func:`migfd.peers.qemu.write_counting_bios`
 (a u32 at guest address 0x7000 that counts while the guest runs), guest RAM
 ``ram0`` a ``memory-backend-file`` with ``share=on`` on /dev/shm in every mode,
@@ -414,8 +415,10 @@ class QemuPeer(Scenario):
                 skipped.append({"ram_bytes": size, "reason": why})
                 continue
             variants = [FILLED] if points else [FILLED, IDLE]  # idle: the smallest size only
+            # TCG beside KVM at the smallest size; above it KVM alone where there is KVM (time budget)
+            accels = self.accels[:1] if points else self.accels
             combos = [{"qemu": q, "mode": mode, "variant": variant, "accel": accel}
-                      for variant in variants for accel in self.accels for q in self.qemus for mode in modes_of(q)]
+                      for variant in variants for accel in accels for q in self.qemus for mode in modes_of(q)]
             n = trials_for_size(size, ctx)
             points.append({"ram_bytes": size, "trials": n, "variants": variants})
             for item in interleave([{}], combos, n):
