@@ -271,6 +271,8 @@ class VcpuThread:
         self.saved: dict[str, Any] | None = None
         self.exits: dict[str, int] = {}
         self.kicks = 0
+        #: CLOCK_MONOTONIC ns this thread last entered the guest (KVM_RUN) after being parked
+        self.entered_ns = 0
         self.error: str | None = None
         self.thread = threading.Thread(target=self._main, name=f"vcpu-{self.index}", daemon=True)
 
@@ -330,6 +332,9 @@ class VcpuThread:
                     continue  # a failed vCPU stays stopped, as QEMU's internal-error state
                 try:
                     self._load()
+                    # when this thread last got to run the guest: after a resume, what sits
+                    # between the resume and the guest running is this thread's wake-up
+                    self.entered_ns = time.monotonic_ns()
                     self._run()
                     self.saved = save_cpu(self.vcpu, self._mode)
                 except Exception as exc:  # the vCPU stops for good; x-query-guest shows why
@@ -378,7 +383,8 @@ class VcpuThread:
                                f"at eip {self.vcpu.get_regs().rip:#x}")
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"index": self.index, "exits": dict(self.exits), "kicks": self.kicks}
+        out: dict[str, Any] = {"index": self.index, "exits": dict(self.exits), "kicks": self.kicks,
+                               "entered-ns": self.entered_ns}
         if self.error:
             out["error"] = self.error
         return out

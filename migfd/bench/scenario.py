@@ -408,9 +408,8 @@ class VMTrial(Trial):
         if self.observed is None or self.migrate_ns is None:
             return out
         out["observer_realtime"] = self.observed.get("realtime")
-        window = self.switchover(result)
         silences = silences_of(self.observed)
-        outage = switchover_outage(silences, window[0] if window else None, self.migrate_ns)
+        outage = switchover_outage(silences, self.switchover(result) or self.migrate_ns)
         if outage is None:
             return out
         out.update(outage_ns=outage.duration_ns, outage_own_ns=outage.own_gap_ns)

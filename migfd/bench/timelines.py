@@ -86,7 +86,11 @@ def trace_events(row: dict[str, Any], phases: list[dict[str, Any]]) -> dict[str,
     """The Trace Event Format object of one trial (see the module docstring)."""
     origin = min(p["start_ns"] for p in phases)
     events: list[dict[str, Any]] = []
+    # the observer's lane only where the trial had one
+    present = {"source", "destination"} | {p["side"] for p in phases}
     for side, pid in PIDS.items():
+        if side not in present:
+            continue
         events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": side}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
                        "args": {"sort_index": pid}})

@@ -206,14 +206,15 @@ def echo_silence(arrivals_ns: Sequence[int], stop_ns: int, resume_ns: int,
     return Silence(a, b, own.within(a, b) if own is not None else 0)
 
 
-def switchover_outage(silences: Iterable[Silence], stop_ns: int | None, window: tuple[int, int]) -> Silence | None:
-    """The silence of the switchover: the one holding the source's stop when it is known
-    (migfd, one clock), else the longest inside ``window`` (real QEMU, whose clock differs)."""
+def switchover_outage(silences: Iterable[Silence], window: tuple[int, int]) -> Silence | None:
+    """The silence of the switchover: the longest that overlaps ``window``.
+
+    ``window`` is the pause the VMs report (migfd: the source's stop, taken
+    when the stop is asked, to the resume; QEMU: its STOP to its RESUME
+    event) where it is known, else the whole migration: the guest cannot run
+    inside it, so its outage is the silence around it.
+    """
     inside = [s for s in silences if s.overlaps(*window)]
-    if stop_ns is not None:
-        holding = [s for s in inside if s.start_ns <= stop_ns < s.end_ns]
-        if holding:
-            return holding[0]
     return max(inside, key=lambda s: s.duration_ns, default=None)
 
 

@@ -144,7 +144,11 @@ class VM:
             self.ctl.resume()
             self.runstate = "running"
             self._event("RESUME")
-            return resume_ns
+        # The guest's threads need the GIL for a moment before they enter the guest
+        # (KVM_RUN releases it): give it to them now rather than after this thread's
+        # reports, which would hold the guest back after the resume it reports.
+        time.sleep(0)
+        return resume_ns
 
     def shutdown(self) -> None:
         self.ctl.close()  # no vCPU runs from here on

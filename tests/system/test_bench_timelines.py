@@ -51,7 +51,15 @@ def test_every_migration_has_its_timeline_covering_its_downtime(run):
     for row in rows:
         assert row["ok"] == "True", row["error"]
         mine = by_trial[row["trial_id"]]
-        assert {p["side"] for p in mine} == {"source", "destination"}
+        # the two VMs, and the observer that watched the guest (ram-size: the guest has RAM)
+        assert {p["side"] for p in mine} == {"source", "destination", "observer"}
+        # the observer's outage begins by the time the stop is done (the stop is asked at 0, the
+        # guest runs until it is kicked out), and the guest cannot have run before the resume
+        outage = next(p for p in mine if p["side"] == "observer" and p["phase"] == "guest-outage")
+        stopped = next(p for p in mine if p["side"] == "source" and p["phase"] == "stop")
+        assert int(outage["start_ns"]) <= int(stopped["end_ns"]) < int(outage["end_ns"]), (outage, stopped)
+        assert int(outage["end_ns"]) - int(outage["start_ns"]) == int(row["outage_ns"])
+        assert int(row["outage_ns"]) >= int(row["downtime_ns"]) - 400_000, row  # the observer's resolution
         stop = next(p for p in mine if p["side"] == "source" and p["phase"] == "stop")
         assert int(stop["start_ns"]) == 0
         downtime = int(row["downtime_ns"])
@@ -66,9 +74,9 @@ def test_one_trace_per_trial_in_trace_event_format(run):
     for row in rows:
         trace = json.loads((run / "traces" / f"{row['trial_id']}.json").read_text())
         events = trace["traceEvents"]
-        complete = [e for e in events if e["ph"] == "X" and e["cat"] in ("source", "destination")]
+        complete = [e for e in events if e["ph"] == "X" and e["cat"] in ("source", "destination", "observer")]
         assert len(complete) == sum(p["trial_id"] == row["trial_id"] for p in phases)
-        assert {e["pid"] for e in complete} == {1, 2}
+        assert {e["pid"] for e in complete} == {1, 2, 3}
         assert all(isinstance(e["ts"], (int, float)) and e["dur"] >= 0 for e in complete)
         assert trace["otherData"]["trial_id"] == row["trial_id"]
         assert trace["otherData"]["downtime_ns"] == int(row["downtime_ns"])

@@ -124,7 +124,7 @@ async def _observed_migration(vms, fault_phase: str) -> tuple[dict, dict]:
 
 def _outage(source: dict, report: dict):
     stop = stop_origin(Timeline.from_qmp(source["x-timeline"]))
-    outage = switchover_outage(silences_of(report), stop, (stop - 1, stop + 10**9))
+    outage = switchover_outage(silences_of(report), (stop, stop + source["x-downtime-ns"]))
     assert outage is not None, report["silences"]
     return outage
 

@@ -34,8 +34,8 @@ QEMU's ``downtime``, ``total-time``, ``setup-time`` are whole ms, read once the
 source is in ``postmigrate`` (7.2 computes them after ``completed``);
 ``stop_resume_ns`` is the source's STOP event to the destination's RESUME
 event (µs, one host clock), the guest's pause as QEMU reports it;
-``outage_ns`` the observer's silence holding the STOP event (its wall-clock
-time mapped onto CLOCK_MONOTONIC through a sync point taken by this process),
+``outage_ns`` the observer's longest silence over STOP → RESUME (their wall-clock
+times mapped onto CLOCK_MONOTONIC through a sync point taken by this process),
 ``precopy_stall_ns`` its longest silence before that while the migration ran.
 Each row's ``timeline`` comes from QEMU's trace (:mod:`migfd.peers.qemu_trace`),
 ``device_sections`` from the device sections the source's trace shows saved,
@@ -306,7 +306,9 @@ class QemuTrial(Trial):
         stops, resumes = self.src.event_times("STOP"), self.dst.event_times("RESUME")
         if stops and resumes:
             row["stop_resume_ns"] = resumes[-1] - stops[-1]
-        row.update(self.outage_fields(stops[-1] - self.clock_offset_ns if stops else None))
+        pause = ((stops[-1] - self.clock_offset_ns, resumes[-1] - self.clock_offset_ns)
+                 if stops and resumes else None)
+        row.update(self.outage_fields(pause))
         stop_us = stops[-1] // 1000 if stops else None
         timeline = qemu_timeline(src_trace, dst_trace, stop_us=stop_us,
                                  resume_us=resumes[-1] // 1000 if resumes else None)
@@ -333,14 +335,14 @@ class QemuTrial(Trial):
         row["error"] = "; ".join(errors)
         return [row]
 
-    def outage_fields(self, stop_ns: int | None) -> dict[str, Any]:
-        """``outage_ns``: the observer's silence holding the STOP event; ``precopy_stall_ns``: its
-        longest silence before that, from ``migrate`` on."""
+    def outage_fields(self, pause: tuple[int, int] | None) -> dict[str, Any]:
+        """``outage_ns``: the observer's silence over QEMU's STOP → RESUME (on the observer's clock);
+        ``precopy_stall_ns``: its longest silence before that, from ``migrate`` on."""
         if self.observed is None or self.migrate_ns is None:
             return {}
         silences = silences_of(self.observed)
         out: dict[str, Any] = {"observer_realtime": self.observed.get("realtime")}
-        outage = switchover_outage(silences, stop_ns, self.migrate_ns)
+        outage = switchover_outage(silences, pause or self.migrate_ns)
         if outage is None:
             return out
         stall = longest_before(silences, self.migrate_ns[0], outage.start_ns)
