@@ -137,8 +137,10 @@ def series_of(rows: pd.DataFrame) -> pd.Series:
             return mode_label(mode)
         version = row.get("peer_version")
         variant = row.get("variant")
+        accel = row.get("accel")
         what = mode_label(mode).removeprefix("real QEMU, ")
-        text = f"QEMU {version if isinstance(version, str) and version else '?'}: {what}"
+        text = (f"QEMU {version if isinstance(version, str) and version else '?'}"
+                + (f" {accel.upper()}" if isinstance(accel, str) and accel else "") + f": {what}")
         return text + (f" ({variant})" if isinstance(variant, str) and variant else "")
     return rows.apply(one, axis=1) if len(rows) else pd.Series(dtype=str)
 

@@ -53,12 +53,21 @@ def test_state_copy_answers_are_the_runs_own_medians_and_ratios(reference, summa
         at = rows[(rows["ram_bytes"] == size) & (rows["live"] == live)]
         fd, sc = _values(at[at["mode"] == "fd-passing"]), _values(at[at["mode"] == "state-copy"])
         assert a.fd == median_ci(fd) and a.other == median_ci(sc) and a.ratio == ratio_ci(fd, sc)
-    # the reference run predates the outage column: downtime only, and the summary says so
-    assert not has_outage(df) and not summary.has_outage
+        # the outage beside it, from the same trials (the run has the observer's column)
+        fd_o, sc_o = _values(at[at["mode"] == "fd-passing"], "outage_ns"), _values(at[at["mode"] == "state-copy"], "outage_ns")
+        assert a.fd_outage == median_ci(fd_o) and a.other_outage == median_ci(sc_o)
+        assert a.outage_ratio == ratio_ci(fd_o, sc_o)
+    assert has_outage(df) and summary.has_outage
     text = summary.markdown()
-    assert "outage" not in summary.table() and "measured no outage" in text
     for a in summary.answers:
         assert f"| {fmt_interval(a.fd, fmt_ns)} | {fmt_interval(a.other, fmt_ns)} | {fmt_ratio(a.ratio)} |" in text
+
+
+def test_a_run_older_than_the_observer_shows_downtime_only():
+    df, meta = load_results(repo_root() / "tests" / "data" / "runs" / "20261201T214847Z-vm")
+    summary = run_summary(df, meta)
+    assert not has_outage(df) and not summary.has_outage
+    assert "outage" not in summary.table() and "measured no outage" in summary.markdown()
 
 
 def test_qemu_answers_take_each_version_and_mode_as_a_point(reference):
