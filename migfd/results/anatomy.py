@@ -100,8 +100,9 @@ def partition(phases: pd.DataFrame, end_ns: float, start_ns: float = 0.0) -> dic
     """ns of [start_ns, end_ns] per "side: phase", each instant to the innermost running phase.
 
     The innermost is the one that started last (ties: the one that ends
-    first); a phase that only waits for the other side (``wait-*``) counts
-    only where no phase doing work runs. What no phase covers is
+    first); a phase that only waits for the other side (``wait-*``), or runs
+    beside the switchover (:data:`BACKGROUND_PHASES`), counts only where no
+    phase doing work runs. What no phase covers is
     :data:`UNACCOUNTED`.
     """
     if not end_ns > start_ns:
@@ -386,8 +387,13 @@ def _series_key(series: str) -> tuple[int, str]:
     return (order.index(series) if series in order else 2, series)
 
 
+#: phases that run beside the switchover without being part of it: the source's release of its
+#: backends comes after the migration ended, at SCHED_IDLE; it claims only the time nothing else explains
+BACKGROUND_PHASES = ("source: release",)
+
+
 def _waits(label: str) -> bool:
-    return label.split(": ", 1)[-1].startswith("wait-")
+    return label.split(": ", 1)[-1].startswith("wait-") or label in BACKGROUND_PHASES
 
 
 def _group_order(table: pd.DataFrame, rows: pd.DataFrame, timelines: pd.DataFrame) -> list[str]:

@@ -46,6 +46,8 @@ MODE_COLORS = {
     "qemu-cpr-transfer": "#9467bd",
 }
 OTHER_MODE_COLOR = "#17becf"
+#: real QEMU's modes in a legend entry
+QEMU_SHORT = {"qemu-ram-copied": "RAM copied", "qemu-ram-shared": "RAM shared", "qemu-cpr-transfer": "cpr-transfer"}
 FLOOR_COLOR = "black"
 
 
@@ -172,14 +174,13 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
                 ["scenario", "mode", "variant", "peer_version", "accel", "live"], dropna=False):
             live_text = live_label(live)
             label = mode_label(mode)
-            if version:
-                label = label.replace("real QEMU", f"QEMU {version}" + (f" {accel.upper()}" if accel else ""))
-            label += (f" ({variant})" if variant else "") + (f", {live_text}" if live_text else "")
+            if scenario == "qemu-peer":
+                # short: the legend holds a dozen QEMU series; the title says how QEMU is timed
+                label = f"QEMU {version or '?'}{' ' + accel.upper() if accel else ''} {QEMU_SHORT.get(mode, mode)}"
+            label += (f" ({variant})" if variant else "") + (f", {live_text}" if live_text and scenario != "qemu-peer" else "")
             if scenario == "qemu-peer":
                 same = (rows["mode"] == mode) & (rows["variant"] == variant) & (rows["peer_version"] == version)
-                if metric == "_downtime" and events:
-                    label += " [STOP→RESUME events]"
-                else:
+                if not (metric == "_downtime" and events):
                     label += _resolution_note(rows[same][metric])
                 marker = "D" if str(version).startswith("7.") or not version else "v"
                 if accel == "tcg":
@@ -215,7 +216,8 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
         if math.isnan(rate) or not len(hand):
             ax.text(0.01, 0.01, _floor_note(df, metadata, "unix-throughput/handover-floor"),
                     transform=ax.transAxes, fontsize=7, color="#444444")
-    ax_down.set_title("Downtime as the VMs report it", fontsize=10)
+    ax_down.set_title("Downtime as the VMs report it" + ("\n(QEMU: its STOP → RESUME events)" if events else ""),
+                      fontsize=10)
     ax_outage.set_title("Outage seen from outside\n(last guest progress → first again)", fontsize=10)
     ax_total.set_title("Total time (migrate issued → completed)", fontsize=10)
     _fig_legend(fig, ax_down, 3)

@@ -5,9 +5,10 @@ KVM the vCPU's own stores, found by precopy through KVM's dirty log, where each
 page written again after a sync costs a write-protect fault, so the log itself
 caps the rate (``max`` asks for far more than that and gets what the machine
 gives). Each trial measures the rate it really got while the migration ran,
-from the guest's own count of stamped pages from ``migrate`` to the stop
-(``value``, in ``bytes/s``: pages x 4 KiB; the dirty log is on only then,
-and only for state copy), and migrates live: fd-passing, which copies no RAM and does not
+from the guest's own count of stamped pages, which migrates with its RAM:
+read on the source before ``migrate`` and on the destination after it, over
+the time the guest ran in between (``value``, in ``bytes/s``: pages x 4 KiB;
+the dirty log is on only then, and only for state copy), and migrates live: fd-passing, which copies no RAM and does not
 care, and state copy, whose precopy must catch up with the guest; state copy
 at the highest rate runs once more with ``downtime-limit`` raised to
 :data:`RAISED_DOWNTIME_LIMIT_MS` (variant ``limit-<ms>``), to show what a
@@ -51,20 +52,21 @@ class DirtyRateTrial(VMTrial):
         return migration_params(self.spec, self.ctx, **extra)
 
     async def measure(self) -> tuple[MigrationResult, float | None]:
-        assert self.src is not None
+        assert self.src is not None and self.dst is not None
         await asyncio.sleep(RATE_WINDOW_S)
-        first, t0 = await self._stamped(), time.monotonic_ns()
+        first, t0 = await self._stamped(self.src), time.monotonic_ns()
         result = await self.migrate()
-        last = await self._stamped()  # the source keeps its count once stopped
-        window = self.switchover(result)
+        # The count lives in guest RAM and migrates with it: the destination has it now
+        # (the source let its RAM go), a few ms of running there included.
+        last, t1 = await self._stamped(self.dst), time.monotonic_ns()
         achieved = None
-        if first is not None and last is not None and window is not None and window[0] > t0:
-            achieved = (last - first) * PAGE_BYTES / ((window[0] - t0) / 1e9)
+        ran_ns = t1 - t0 - (result.source.get("x-downtime-ns") or 0)
+        if first is not None and last is not None and last >= first and ran_ns > 0:
+            achieved = (last - first) * PAGE_BYTES / (ran_ns / 1e9)
         return result, achieved
 
-    async def _stamped(self) -> int | None:
-        assert self.src is not None
-        devices = (await self.src.execute("x-query-guest")).get("devices") or []
+    async def _stamped(self, vm) -> int | None:
+        devices = (await vm.execute("x-query-guest")).get("devices") or []
         counts = [d.get("pages-dirtied") for d in devices if "pages-dirtied" in d]
         return int(sum(counts)) if counts else None
 
@@ -98,8 +100,8 @@ class DirtyRate(Scenario):
                                        options={"fill": fill, "asked": asked}))
         return Plan(specs, {"ram_bytes": size, "trials": n, "rates_asked": RATES, "ram_fill": fill,
                             "raised_downtime_limit_ms": RAISED_DOWNTIME_LIMIT_MS,
-                            "achieved": "value (bytes/s): the guest's stamped pages x 4 KiB from "
-                                        "migrate to the stop"})
+                            "achieved": "value (bytes/s): the guest's stamped pages x 4 KiB, source "
+                                        "before migrate to destination after it, over the time it ran"})
 
     def trial(self, spec: TrialSpec, ctx: BenchContext) -> Trial:
         return DirtyRateTrial(spec, ctx)
