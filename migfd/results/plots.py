@@ -585,7 +585,10 @@ def plot_dirty_rate(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
             label = mode_label(mode) + (f", downtime-limit {limit} ms" if is_raised else "")
             _draw_series(ax, g, "_rate", label, mode_color(mode), dashed=bool(is_raised), marker="o")
         ax.set_yscale("log")
-        ax.set_xlabel("dirty rate the guest reached (MiB/s, median of the trials)")
+        # 0 and tens of MiB/s beside GiB/s: logarithmic above 10 MiB/s, linear below
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("dirty rate the guest reached (MiB/s, median of the trials; log above 10)")
         ax.set_ylabel(f"{what} (ms, log scale)")
         ax.grid(True, which="both", alpha=0.3)
     ax_down.set_title("Downtime as the VMs report it", fontsize=10)
