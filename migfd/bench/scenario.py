@@ -385,13 +385,8 @@ class VMTrial(Trial):
         result = await migrate(self.src, self.dst, f"unix:{self.workdir}/migration.sock", self.params(),
                                timeout_s=self.timeouts()[1])
         self.migrate_ns = (start, time.monotonic_ns())
-        if self.observer is not None:
-            await asyncio.sleep(OBSERVER_TAIL_S)
-            observer, self.observer = self.observer, None
-            try:
-                self.observed = await asyncio.get_running_loop().run_in_executor(None, observer.stop)
-            except RuntimeError as exc:
-                self.ctx.warn(f"guest-progress observer: {exc}")
+        observer, self.observer = self.observer, None
+        self.observed = await end_observation(observer, self.ctx, "guest-progress observer")
         return result
 
     def switchover(self, result: MigrationResult) -> tuple[int, int] | None:
@@ -535,6 +530,19 @@ class VMTrial(Trial):
 
     async def after_cleanup(self) -> None:
         """Hook: remove what before_start created."""
+
+
+async def end_observation(observer: ObserverProcess | None, ctx: BenchContext, what: str) -> dict[str, Any] | None:
+    """Let ``observer`` see the guest run for :data:`OBSERVER_TAIL_S` more, stop it, return its report
+    (None, and a warning in the run's metadata, when it has none)."""
+    if observer is None:
+        return None
+    await asyncio.sleep(OBSERVER_TAIL_S)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, observer.stop)
+    except RuntimeError as exc:
+        ctx.warn(f"{what}: {exc}")
+        return None
 
 
 def observer_phases(outage: Silence, origin_ns: int) -> list[dict[str, Any]]:

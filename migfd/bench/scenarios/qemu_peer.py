@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from migfd.bench.scenario import (
-    DOWNTIME_LIMIT_MS, MAX_BANDWIDTH, OBSERVER_TAIL_S, observer_phases, BenchContext, Plan, Scenario, Trial, TrialSpec, interleave,
+    DOWNTIME_LIMIT_MS, MAX_BANDWIDTH, end_observation, observer_phases, BenchContext, Plan, Scenario, Trial, TrialSpec, interleave,
     memory_shortfall, trials_for_size,
 )
 from migfd.bench.scenarios.ram_size import RamSize
@@ -245,13 +245,8 @@ class QemuTrial(Trial):
         start = time.monotonic_ns()
         measured = await self._migrate()
         self.migrate_ns = (start, time.monotonic_ns())
-        if self.observer is not None:
-            await asyncio.sleep(OBSERVER_TAIL_S)
-            observer, self.observer = self.observer, None
-            try:
-                self.observed = await asyncio.get_running_loop().run_in_executor(None, observer.stop)
-            except RuntimeError as exc:
-                self.ctx.warn(f"QEMU {self.qemu.version}: guest-progress observer: {exc}")
+        observer, self.observer = self.observer, None
+        self.observed = await end_observation(observer, self.ctx, f"QEMU {self.qemu.version}: guest-progress observer")
         return measured
 
     async def _migrate(self) -> dict:
