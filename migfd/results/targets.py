@@ -98,6 +98,8 @@ TARGETS = {
     "outage-vs-downtime": Target("fd-passing outage − reported downtime (median, ms)", "<=", 0.5, "ms"),
     "client-excess": Target("fd-passing chardev client's switchover silence − reported downtime (median, ms)",
                             "<=", 0.5, "ms"),
+    "moonshot": Target("fd-passing outage / QEMU 10.0 cpr-transfer outage, same RAM size, same observer "
+                       "(ram-size, live)", "<=", 0.5, "ratio"),
     "precopy-stall": Target("guest-progress stall during live precopy: state copy / QEMU 10.0's copied RAM, "
                             "same RAM size, same observer", "<=", 1, "ratio"),
 }
@@ -451,6 +453,28 @@ def _target_precopy_stall(df, meta):
     return _judged("precopy-stall", points, "", "migfd's precopy starves its guest more than QEMU's")
 
 
+def _target_moonshot(df, meta):
+    """The guest of the ram-size scenario, RAM alone handed over, against QEMU 10.0's own fd-passing of
+    RAM at each size both ran, KVM where present: one point per size."""
+    fd = _with_outage(select(df, "ram-size", "fd-passing"))
+    fd = fd[fd["live"] == True]  # noqa: E712 (nullable boolean): qemu-peer's guests run
+    q = _with_outage(select(df, "qemu-peer", "qemu-cpr-transfer"))
+    q = _prefer_accel(q[q["peer_version"].astype(str).str.startswith(CPR_PREFERRED_VERSION)])
+    if (q["variant"] == "filled").any():
+        q = q[q["variant"] == "filled"]
+    points = []
+    for size in sorted(set(fd["ram_bytes"].dropna()) & set(q["ram_bytes"].dropna())):
+        f, r = fd[fd["ram_bytes"] == size], q[q["ram_bytes"] == size]
+        ci = ratio_ci(_values(r, "outage_ns"), _values(f, "outage_ns"))
+        points.append(Point(ci, f"{fmt_bytes(size)}: fd-passing outage {fmt_ns(median_of(f['outage_ns']))} vs QEMU "
+                                f"{r['peer_version'].iloc[0]} cpr-transfer ({r['accel'].iloc[0]}) "
+                                f"{fmt_ns(median_of(r['outage_ns']))} = {fmt_interval(ci)}"))
+    if not points:
+        return _not_measured("moonshot", "needs live ram-size fd-passing and QEMU 10.0 cpr-transfer rows with an "
+                             "outage at a common RAM size")
+    return _judged("moonshot", points, "", "fd-passing does not cut the guest off half as long as QEMU's own")
+
+
 #: the scenarios whose VMs have guest RAM, so an outage the observer measures
 OUTAGE_SCENARIOS = ("ram-size", "tap-traffic", "chardev")
 
@@ -614,7 +638,7 @@ _CHECKS = {"flat-in-ram": _target_flat, "copy-vs-fd-1gib": _target_copy_vs_fd,
            "copy-throughput": _target_throughput, "total-flat-in-ram": _target_total_flat,
            "fd-batching-default": _target_batching, "vs-qemu": _target_qemu,
            "outage-vs-downtime": _target_outage_vs_downtime, "client-excess": _target_client_excess,
-           "precopy-stall": _target_precopy_stall}
+           "precopy-stall": _target_precopy_stall, "moonshot": _target_moonshot}
 
 
 def targets(df: pd.DataFrame, metadata: dict | None = None, keys: Iterable[str] | None = None) -> pd.DataFrame:

@@ -430,3 +430,16 @@ def test_every_target_of_issue_9_is_a_row():
                                                    "copy-throughput", "total-flat-in-ram", "below-cpr-transfer",
                                                    "fd-batching-default")] == ["≤ 10", "≤ 2", "≤ 2", "≥ 0.8",
                                                                                "≤ 1.25", "< 1", "= 1"]
+
+
+@pytest.mark.parametrize("qemu_ms, expected", [(4.0, "pass"), (3.9, "fail")])
+def test_target_moonshot_halves_qemus_cpr_transfer_outage(qemu_ms, expected):
+    # fd-passing outage 2 ms at 64 MiB, live; QEMU 10.0 cpr-transfer 4 ms: exactly half passes
+    fd = with_outage(ram_rows("fd-passing", 64 * MiB, [1, 1, 1], live=True), [2, 2, 2])
+    t = verdict(table(fd + cpr_rows([qemu_ms] * 3)), "moonshot")
+    assert t["measured"] == pytest.approx(2 / qemu_ms) and t["verdict"] == expected
+    # only the outage moves it: the downtime may be anything
+    fast = [dict(r, downtime_ns=1) for r in fd]
+    assert verdict(table(fast + cpr_rows([qemu_ms] * 3)), "moonshot")["measured"] == pytest.approx(2 / qemu_ms)
+    # QEMU 7.2 has no cpr-transfer; a run without the observer has no outage
+    assert verdict(table(fd + cpr_rows([4, 4], version="7.2.22")), "moonshot")["verdict"] == "not-measured"
