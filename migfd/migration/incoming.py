@@ -15,7 +15,7 @@ from typing import Callable
 
 from migfd.channel import QEMUFile
 from migfd.devices.base import section_key
-from migfd.errors import MigrationError
+from migfd.errors import ChannelError, MigrationError, StreamError
 from migfd.fds import close_fd
 from migfd.migration.base import (
     MIGRATION_SECTION,
@@ -156,7 +156,16 @@ class IncomingMigration(MigrationBase):
             self.stats.setup_done_ns = time.monotonic_ns()
             self.timeline.add("setup", self.stats.start_ns, self.stats.setup_done_ns)
             self.set_status(MigrationStatus.ACTIVE)
-            self._load()
+            try:
+                self._load()
+            except (StreamError, ChannelError) as exc:
+                if not self._eof or self.stats.committed:
+                    raise
+                # As QEMU: the device description after EOF is read before the guest
+                # runs, but a valid state is not failed for a description that is bad
+                # or never comes (the source has committed: nobody else would run it).
+                log.warning("no readable device description after EOF (%s): the guest runs", exc)
+                self._resume()
             self.set_status(MigrationStatus.COMPLETED)
         except Exception as exc:
             self._fail(exc)

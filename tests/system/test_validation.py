@@ -15,10 +15,11 @@ from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd
 from migfd.devices.tap import validate_tap_fds
 from migfd.errors import MigrationError
 from migfd.migration import MIGRATION_SECTION, MIGRATION_VMSD
+from migfd.migration.base import read_rp
 from migfd.net.netns import NetNamespace
 from migfd.net.tun import open_tap
 from migfd.params import MigrationParameters
-from migfd.stream import StreamWriter
+from migfd.stream import ReturnPathMessage, StreamWriter
 
 
 def _memfd(size: int) -> int:
@@ -159,5 +160,51 @@ def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms, thr
             f.close()
             os.close(r)
             os.close(w)
+
+    run_vm_test(vms, body)
+
+
+@pytest.mark.parametrize("after_eof", [
+    bytes([0x06]) + (9).to_bytes(4, "big") + b"not json!",  # a device description that is no JSON
+    bytes([0x02]),  # another section where the description belongs
+], ids=["bad-json", "wrong-section"])
+def test_a_bad_device_description_after_eof_does_not_fail_a_valid_state(vms, thread_accel, after_eof):
+    """As QEMU's destination: the vmdesc is read before the guest runs, but a bad one is only a warning.
+
+    The source (played by the test) hands over a real memfd, gets the PONG (its commit point)
+    and sends EOF followed by a broken description: past the commit no one else would run the guest.
+    """
+    async def body():
+        dst = await vms.start("dst", incoming="defer",
+                              objects=("memory-backend-memfd,id=ram0,size=1M,backend-transfer=on",))
+        await dst.execute("migrate-set-parameters", {"backend-transfer": True})
+        path = vms.path("mig.sock")
+        await dst.execute("migrate-incoming", {"uri": f"unix:{path}"})
+        await wait_until(lambda: os.path.exists(path), what="destination listening")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        f = QEMUFile.from_socket(sock, "fake-source")
+        ram = _memfd(1 << 20)
+        try:
+            writer = StreamWriter(f)
+            writer.write_header()
+            writer.write_configuration("migfd-pc", MigrationParameters(backend_transfer=True).capabilities())
+            writer.write_open_return_path()
+            writer.write_ram_start([])
+            dev = MemoryBackendMemfd("ram0", 1 << 20, backend_transfer=True)
+            writer.write_section_full(dev.section_name, 0, dev.vmsd, {"size": 1 << 20, "pages_dirtied": 0, "fd": ram})
+            writer.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD, {"stop_ns": 1, "running": True})
+            writer.write_ping(7)
+            f.flush()
+            assert read_rp(f) == (ReturnPathMessage.PONG, (7).to_bytes(4, "big"))
+            writer.write_eof()
+            f.put_buffer(after_eof)
+            f.flush()
+            info = await dst.wait_migration(30)
+            assert info["status"] == "completed", info
+            assert (await dst.execute("query-status"))["status"] == "running"
+        finally:
+            f.close()
+            os.close(ram)
 
     run_vm_test(vms, body)
