@@ -230,16 +230,11 @@ def median_ci(values: Values, prior: LogSpread | None = None) -> Interval:
     interval (NaN bounds); identical values give a zero-width one.
     """
     arr = clean(values)
-    if len(arr) == 0:
-        return UNKNOWN
+    if len(arr) < 2 or np.any(arr <= 0):
+        return median_ci_any(arr)
     med = float(np.median(arr))
-    if len(arr) == 1:
-        return Interval(med, math.nan, math.nan, 1)
     if np.all(arr == arr[0]) and prior is None:
         return Interval(med, med, med, len(arr))
-    if np.any(arr <= 0):
-        low, high = _order_statistic_ci(arr)
-        return Interval(med, low, high, len(arr))
     spread = moderated(log_spread(arr), prior)
     low, high = _log_t_bounds(float(np.log(arr).mean()), math.sqrt(spread.var / len(arr)), spread.df)
     return Interval(med, min(low, med), max(high, med), len(arr))

@@ -343,6 +343,8 @@ class VMTrial(Trial):
         self.observer: ObserverProcess | None = None
         #: the observer's report, and the CLOCK_MONOTONIC ns the migration began and ended
         self.observed: dict[str, Any] | None = None
+        #: the silence of the switchover among the observer's (see outage_fields)
+        self.outage: Silence | None = None
         self.migrate_ns: tuple[int, int] | None = None
         #: the accelerator the VMs run their guest on (x-query-guest)
         self.accel = ""
@@ -411,13 +413,12 @@ class VMTrial(Trial):
         if self.spec.live:
             stall = longest_before(silences, self.migrate_ns[0], outage.start_ns)
             out["precopy_stall_ns"] = stall.duration_ns if stall is not None else 0
-        self._outage = outage
+        self.outage = outage
         return out
 
     def observer_phases(self, origin_ns: int) -> list[dict[str, Any]]:
         """The guest's silence around the switchover as the observer saw it, on the timeline's clock."""
-        outage: Silence | None = getattr(self, "_outage", None)
-        return observer_phases(outage, origin_ns) if outage is not None else []
+        return observer_phases(self.outage, origin_ns) if self.outage is not None else []
 
     def echo_fields(self, result: MigrationResult, arrivals_ns, own) -> dict[str, Any]:
         """A backend client's silence around the switchover (last echo at the stop to first at the resume)."""

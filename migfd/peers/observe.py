@@ -168,24 +168,13 @@ def progress_times(times_ns: np.ndarray, values: np.ndarray, sustained: int = SU
     return times_ns[progress.any(axis=1)]
 
 
-def silences_between(progress_ns: np.ndarray, min_silence_ns: int, own: OwnGaps | None = None,
-                     *, first_ns: int | None = None, last_ns: int | None = None) -> list[Silence]:
-    """Every gap of at least ``min_silence_ns`` between consecutive progress times.
-
-    ``first_ns``/``last_ns`` bound the observation: a guest silent from the
-    start, or until the end, is silent from ``first_ns`` or until ``last_ns``.
-    """
-    marks = list(np.asarray(progress_ns, dtype=np.int64))
-    if first_ns is not None and (not marks or marks[0] > first_ns):
-        marks.insert(0, first_ns)
-    if last_ns is not None and (not marks or marks[-1] < last_ns):
-        marks.append(last_ns)
-    out = []
-    arr = np.asarray(marks, dtype=np.int64)
+def silences_between(progress_ns: np.ndarray, min_silence_ns: int, own: OwnGaps | None = None) -> list[Silence]:
+    """Every gap of at least ``min_silence_ns`` between consecutive progress times."""
+    arr = np.asarray(progress_ns, dtype=np.int64)
     if len(arr) < 2:
-        return out
-    gaps = np.diff(arr)
-    for k in np.flatnonzero(gaps >= min_silence_ns):
+        return []
+    out = []
+    for k in np.flatnonzero(np.diff(arr) >= min_silence_ns):
         a, b = int(arr[k]), int(arr[k + 1])
         out.append(Silence(a, b, own.within(a, b) if own is not None else 0))
     return out
@@ -503,7 +492,7 @@ class ObserverProcess:
             raise RuntimeError(f"observer did not start: {line.strip() or err.strip()[-300:] or 'no answer'}")
 
     def stop(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        """End the observation; its analysis (MigrationError-free: errors raise RuntimeError)."""
+        """End the observation and return its analysis; RuntimeError when it has none."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         try:

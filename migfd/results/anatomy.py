@@ -153,8 +153,7 @@ def window_end_ns(phases: pd.DataFrame, downtime_ns: float) -> float:
     QEMU's timeline starts at ``src-downtime-start``, a little before its STOP
     event, so STOP→RESUME measured from 0 would end too early.
     """
-    resume = phases[(phases["side"] == "destination") & (phases["phase"] == "RESUME")]
-    end = float(resume["start_ns"].iloc[0]) if len(resume) else float(downtime_ns)
+    end = reported_end_ns(phases, downtime_ns)
     first = phases[(phases["side"] == "observer") & (phases["phase"] == "first-progress")]
     return max(end, float(first["start_ns"].iloc[0])) if len(first) else end
 

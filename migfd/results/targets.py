@@ -405,7 +405,7 @@ def _target_outage_vs_downtime(df, meta):
     if not points:
         return _not_measured("outage-vs-downtime", "no fd-passing trial with an outage measured (runs before the "
                              "guest-progress observer have none)")
-    return _judged("outage-vs-downtime", points, " (outage: the outside observer's silence holding the stop)",
+    return _judged("outage-vs-downtime", points, " (outage: the outside observer's longest silence over the reported pause)",
                    "the guest stays cut off after the reported resume")
 
 

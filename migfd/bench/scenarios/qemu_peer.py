@@ -168,6 +168,8 @@ class QemuTrial(Trial):
         self.dst: QemuProcess | None = None
         #: RAM files of this trial alone (removed at cleanup); the random file is the scenario's
         self.own_files: list[str] = []
+        #: the files the observer watches: the source's RAM, and the destination's when it has its own
+        self.ram_files: list[str] = []
         self.observer: ObserverProcess | None = None
         self.observed: dict[str, Any] | None = None
         self.outage: Silence | None = None
