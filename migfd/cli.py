@@ -11,6 +11,7 @@ import json
 import sys
 
 from migfd.errors import MigrationError
+from migfd.threads import name_new_threads
 
 # Each subcommand imports its own stack when it runs: ``migfd vm`` (started for
 # every trial of the benchmark) must not load pandas, matplotlib or the runner,
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    name_new_threads()  # the benchmark's clients and probes by name in top -H, perf and ftrace
     try:
         return args.func(args)
     except MigrationError as exc:

@@ -24,7 +24,6 @@ the ``cpu`` sections into its vCPUs.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import signal
@@ -81,6 +80,7 @@ from migfd.layout import (
     VCPU_PROGRESS_ADDR,
 )
 from migfd.stream import UInt32, UInt64, VMStateDescription
+from migfd.threads import fine_timer_slack
 
 log = logging.getLogger("migfd.accel")
 
@@ -90,7 +90,6 @@ SIG_KICK = signal.SIGUSR1
 GUEST_ADDRESSABLE_PAGES = (1 << 32) // PAGE
 #: how far behind its pace a vCPU still catches up on stamps (after a hlt); beyond, it starts afresh
 CATCHUP_S = 0.010
-PR_SET_TIMERSLACK = 29
 
 # -- the cpu section -----------------------------------------------------------------
 
@@ -273,6 +272,8 @@ class VcpuThread:
         self.kicks = 0
         #: CLOCK_MONOTONIC ns this thread last entered the guest (KVM_RUN) after being parked
         self.entered_ns = 0
+        #: set when this thread enters the guest after a resume (or finds it cannot)
+        self.entered = threading.Event()
         self.error: str | None = None
         self.thread = threading.Thread(target=self._main, name=f"vcpu-{self.index}", daemon=True)
 
@@ -302,6 +303,7 @@ class VcpuThread:
         with self._cond:
             self.vcpu.set_immediate_exit(False)
             self._kick.clear()
+            self.entered.clear()
             self._want_run = True
             self._cond.notify_all()
 
@@ -318,7 +320,7 @@ class VcpuThread:
     # -- the vCPU's thread ------------------------------------------------------------
 
     def _main(self) -> None:
-        _fine_timer_slack()
+        fine_timer_slack()
         try:
             while True:
                 with self._cond:
@@ -329,12 +331,14 @@ class VcpuThread:
                         return
                     self._parked = False
                 if self.error is not None:
+                    self.entered.set()
                     continue  # a failed vCPU stays stopped, as QEMU's internal-error state
                 try:
                     self._load()
                     # when this thread last got to run the guest: after a resume, what sits
                     # between the resume and the guest running is this thread's wake-up
                     self.entered_ns = time.monotonic_ns()
+                    self.entered.set()
                     self._run()
                     self.saved = save_cpu(self.vcpu, self._mode)
                 except Exception as exc:  # the vCPU stops for good; x-query-guest shows why
@@ -525,6 +529,11 @@ class KvmAccelerator(Accelerator):
         for vcpu in self.vcpus:
             vcpu.resume()
 
+    def wait_running(self, timeout_s: float) -> bool:
+        """True once every vCPU entered the guest after the last resume (see RunControl.wait_running)."""
+        deadline = time.monotonic() + timeout_s
+        return all([vcpu.entered.wait(max(deadline - time.monotonic(), 0.0)) for vcpu in self.vcpus])
+
     def shutdown(self) -> None:
         for vcpu in self.vcpus:
             vcpu.shutdown()
@@ -577,10 +586,3 @@ def _install_kick_handler() -> None:
     if signal.getsignal(SIG_KICK) is not _kick:
         signal.signal(SIG_KICK, _kick)
 
-
-def _fine_timer_slack() -> None:
-    """This thread's sleeps (the idle part of the duty cycle) end within ~1 µs of their time."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(1000), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass

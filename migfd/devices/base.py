@@ -46,6 +46,8 @@ class GuestThread:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._polling = threading.Condition()
         self._in_poll = False
+        #: set when a turn ends; a resume clears it (:meth:`RunControl.wait_running`)
+        self.ran = threading.Event()
         self.thread: threading.Thread | None = None
 
     @property
@@ -65,6 +67,7 @@ class GuestThread:
             yield not self._ctl.quitting
         finally:
             self._lock.release()
+            self.ran.set()
 
     def enter(self) -> bool:
         """:meth:`turn` without the context manager, for one frame or page at a time:
@@ -78,6 +81,7 @@ class GuestThread:
 
     def leave(self) -> None:
         self._lock.release()
+        self.ran.set()
 
     @property
     def quitting(self) -> bool:
@@ -210,11 +214,36 @@ class RunControl:
         # backends arrived while they waited); woken first, they wait at their
         # turn, which the releases below give them.
         for guest in guests:
+            guest.ran.clear()
             guest.wake()
         for lock in locks:
             lock.release()
         for runner in runners:  # the devices are ready: the vCPUs run last
             runner.resume()
+
+    def wait_running(self, timeout_s: float) -> bool:
+        """Wait until every guest thread has had a turn and every vCPU has entered the guest
+        since the last :meth:`resume`; False if that took longer than ``timeout_s``.
+
+        The thread that resumed a VM waits here (the wait releases the GIL)
+        before it goes on with its own work: reports, QMP events, closing
+        the migration. Otherwise that work holds the GIL while the guest's
+        threads, just woken, wait for it -- milliseconds after the resume
+        in which the guest's clients still see nothing.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._state:
+            guests = list(self._guests)
+            runners = list(self._runners)
+        ok = True
+        for guest in guests:
+            if guest.thread is not None and guest.thread.is_alive():
+                ok = guest.ran.wait(max(deadline - time.monotonic(), 0.0)) and ok
+        for runner in runners:
+            wait = getattr(runner, "wait_running", None)
+            if wait is not None:
+                ok = wait(max(deadline - time.monotonic(), 0.0)) and ok
+        return ok
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Make every vCPU and guest thread exit and wait for it; no vCPU runs guest code again."""

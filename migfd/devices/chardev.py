@@ -117,15 +117,20 @@ class ChardevSocket(Device):
             with guest.turn() as alive:
                 if not alive:
                     return
-                for fd, _ in ready:
-                    if fd == guest.wake_fd:
-                        guest.drain()
-                    elif sock is None:
-                        continue
-                    elif sock is self.listener and self.client is None:
-                        self._accept()
-                    elif sock is self.client:  # not a socket that left while we waited
-                        self._serve()
+                fds = {fd for fd, _ in ready}
+                if guest.wake_fd in fds:
+                    guest.drain()
+                    # Woken by a resume: lines may have queued while the VM was
+                    # stopped. Serve them in this turn, not after another poll.
+                    if self.client is not None:
+                        fds.add(self.client.fileno())
+                    sock = self.client if self.client is not None else self.listener
+                if sock is None or sock.fileno() not in fds:
+                    continue
+                if sock is self.listener and self.client is None:
+                    self._accept()
+                elif sock is self.client:  # not a socket that left while we waited
+                    self._serve()
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -153,15 +158,18 @@ class ChardevSocket(Device):
         *lines, self.pending = buf.split(b"\n")
         if len(self.pending) > MAX_PENDING:
             self.pending = self.pending[-MAX_PENDING:]
-        for line in lines:
-            try:
-                self.client.setblocking(True)
-                self.client.sendall(line + b"\n")
-                self.client.setblocking(False)
-            except OSError:
-                self._drop_client()
-                return
-            self.lines_echoed += 1
+        if not lines:
+            return
+        # Every complete line in one send: a send per line would give up the GIL
+        # (and wait to take it back) once a line, behind whatever else runs.
+        try:
+            self.client.setblocking(True)
+            self.client.sendall(b"\n".join(lines) + b"\n")
+            self.client.setblocking(False)
+        except OSError:
+            self._drop_client()
+            return
+        self.lines_echoed += len(lines)
 
     # -- migration ------------------------------------------------------------
 

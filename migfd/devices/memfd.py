@@ -15,7 +15,6 @@ migration. Under KVM the guest's own writes come from KVM's dirty log
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -48,6 +47,7 @@ from migfd.layout import (
     table_pages,
 )
 from migfd.stream import TARGET_PAGE_SIZE, Fd, Subsection, UInt64, VMStateDescription
+from migfd.threads import fine_timer_slack
 
 PAGE = TARGET_PAGE_SIZE
 #: madvise(2) advice that allocates every page of a range for writing (Linux 5.14)
@@ -58,7 +58,6 @@ _U32 = struct.Struct("<I")
 #: the thread's timer slack at 1 µs and the bump's own cost a bump comes about every
 #: 85 µs (11,800 a second measured here; 80 µs of pause gave 9,000, too few)
 PROGRESS_INTERVAL_S = 60e-6
-PR_SET_TIMERSLACK = 29
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 
@@ -204,7 +203,7 @@ class MemoryBackendMemfd(Device):
         self.guests.append(ctl.spawn(f"guest-progress-{self.id}", self._progress))
 
     def _progress(self, guest: GuestThread) -> None:
-        _fine_timer_slack()
+        fine_timer_slack()
         page = GUEST_PROGRESS_ADDR // PAGE
         while guest.enter():
             try:
@@ -449,15 +448,6 @@ class MemoryBackendMemfd(Device):
             if page:
                 out.append(page - 1)
         return out
-
-
-def _fine_timer_slack() -> None:
-    """This thread's sleeps end within ~1 µs of their time, not the default 50 µs."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(1000), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # only the counter's pace depends on it
 
 
 def validate_memfd(fd: int, size: int, device: str) -> None:

@@ -8,7 +8,6 @@ releases its backends and never resumes.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import threading
 import time
@@ -33,6 +32,7 @@ from migfd.migration.base import (
 from migfd.params import MigrationParameters
 from migfd.stream import PageBatch, RamBlock, ReturnPathMessage, StreamWriter
 from migfd.stream.ram import nonzero_pages
+from migfd.threads import idle_priority
 from migfd.transport import Address, FileAddress, connect_outgoing
 
 __all__ = ["BATCH_PAGES", "OutgoingMigration", "reattach_with_retry"]
@@ -141,6 +141,11 @@ class OutgoingMigration(MigrationBase):
         self.stats.ram_remaining = self.stats.ram_total
         self.stats.setup_done_ns = time.monotonic_ns()
         self.timeline.add("setup", self.stats.start_ns, self.stats.setup_done_ns)
+        if not self._will_precopy():
+            # The stop follows at once: an "active" event sent now would wake the
+            # QMP thread and its client just before it, while the guest's own
+            # threads need the GIL and the CPU. It goes out, with its time, after.
+            self.vm.hold_events()
         self.set_status(MigrationStatus.ACTIVE)
 
     # -- precopy ----------------------------------------------------------
@@ -177,12 +182,14 @@ class OutgoingMigration(MigrationBase):
                         self.cancel_requested.wait(ahead)
                         self._check_cancel()
 
+    def _will_precopy(self) -> bool:
+        """Whether RAM goes while the guest runs (else the final stage follows the setup at once)."""
+        return bool(self.copied_ram()) and self.params.x_max_iterations != 0 and self.vm.running
+
     def _precopy(self) -> None:
+        if not self._will_precopy():
+            return  # nothing to copy, or non-live: everything goes in the final stage
         ram = self.copied_ram()
-        if not ram:
-            return
-        if self.params.x_max_iterations == 0 or not self.vm.running:
-            return  # non-live: everything goes in the final stage
         while True:
             self.stats.iterations += 1
             self.hook(f"precopy-{self.stats.iterations}")
@@ -371,14 +378,6 @@ class OutgoingMigration(MigrationBase):
             dev.mark_all_dirty()
         self.stats.error = "; ".join([message] + problems)
         return MigrationStatus.CANCELLED if self.cancel_requested.is_set() else MigrationStatus.FAILED
-
-
-def idle_priority() -> None:
-    """Put the calling thread under SCHED_IDLE (any user may lower its own priority)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass  # only an optimisation
 
 
 def reattach_with_retry(dev: Device, attempts: int = 50) -> None:

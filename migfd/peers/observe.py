@@ -24,7 +24,8 @@ progress to the first that saw it again. Two rules keep the observer honest:
 
 The same two ideas serve the clients of the backends (the chardev client, the
 TAP probe): :func:`echo_silence` is the silence an echo stream shows around
-the switchover, apart from its longest silence of the trial.
+the switchover (by the rule of the guest's outage), apart from its longest
+silence of the trial.
 
 ``migfd observe`` runs :func:`main` in its own process; the benchmark starts
 it with :class:`ObserverProcess`.
@@ -47,6 +48,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from migfd import threads
 from migfd.layout import GUEST_PROGRESS_ADDR
 #: consecutive sample intervals a counter must change in for that to be the guest running
 SUSTAINED_INTERVALS = 3
@@ -68,11 +70,7 @@ def realtime(priority: int = OBSERVER_RT_PRIORITY) -> bool:
     An observer that sleeps between samples and runs at real-time priority
     wakes on time even when both cores are busy with the VMs.
     """
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-        return True
-    except (OSError, AttributeError):
-        return False
+    return threads.realtime(priority)
 
 
 #: the GIL switch interval of a process whose observer thread shares the interpreter
@@ -182,16 +180,23 @@ def silences_between(progress_ns: np.ndarray, min_silence_ns: int, own: OwnGaps 
 
 def echo_silence(arrivals_ns: Sequence[int], stop_ns: int, resume_ns: int,
                  own: OwnGaps | None = None) -> Silence | None:
-    """What a client of a backend saw around a switchover: from its last echo at or
-    before the stop to its first echo at or after the resume; None without echoes on both sides."""
-    arr = np.asarray(arrivals_ns, dtype=np.int64)
-    if not len(arr):
+    """What a client of a backend saw around a switchover: its longest silence between two
+    echoes that overlaps the reported pause (``stop_ns``..``resume_ns``), the rule of
+    :func:`switchover_outage`; None without echoes on both sides of the pause.
+
+    The stop is asked at ``stop_ns`` but the backends stop only after the vCPUs:
+    an echo that arrives in between is one the client had, and the silence
+    it saw starts there, not at the last echo before the request.
+    """
+    arr = np.sort(np.asarray(arrivals_ns, dtype=np.int64))
+    if not len(arr) or arr[0] > stop_ns or arr[-1] < resume_ns:
         return None
-    before = arr[arr <= stop_ns]
-    after = arr[arr >= resume_ns]
-    if not len(before) or not len(after):
+    starts, ends = arr[:-1], arr[1:]
+    over = (starts < resume_ns) & (ends > stop_ns)
+    if not over.any():
         return None
-    a, b = int(before[-1]), int(after[0])
+    i = int(np.flatnonzero(over)[np.argmax((ends - starts)[over])])
+    a, b = int(starts[i]), int(ends[i])
     return Silence(a, b, own.within(a, b) if own is not None else 0)
 
 

@@ -6,6 +6,7 @@ and what the QMP monitor (:mod:`migfd.vm.monitor`) reads and changes.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import threading
@@ -22,6 +23,10 @@ from migfd.qmp import QMPServer
 DEFAULT_MACHINE = "migfd-pc"
 #: fds an incoming VM's table is sized for before the migration starts
 FD_TABLE_RESERVE = 1024
+#: how long a resume waits for the guest's threads to run before it goes on (they take a few hundred µs)
+GUEST_RUNNING_TIMEOUT_S = 0.02
+
+log = logging.getLogger("migfd.vm")
 
 
 class VM:
@@ -145,9 +150,11 @@ class VM:
             self.runstate = "running"
             self._event("RESUME")
         # The guest's threads need the GIL for a moment before they enter the guest
-        # (KVM_RUN releases it): give it to them now rather than after this thread's
-        # reports, which would hold the guest back after the resume it reports.
-        time.sleep(0)
+        # or serve a backend: let them have it before this thread's reports and
+        # events, which would hold the guest back after the resume it reports.
+        if not self.ctl.wait_running(GUEST_RUNNING_TIMEOUT_S):
+            log.debug("the guest's threads took over %.0f ms to run after the resume",
+                      GUEST_RUNNING_TIMEOUT_S * 1e3)
         return resume_ns
 
     def shutdown(self) -> None:

@@ -265,3 +265,18 @@ def test_vm_refuses_a_qmp_address_that_is_not_unix(workdir):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == ["migfd vm: error: --qmp takes unix:PATH"]
+
+
+def test_the_vm_names_its_threads_as_the_kernel_shows_them(vms, tmp_path):
+    # top -H, perf and an ftrace of a switchover tell the threads apart (QEMU's debug-threads=on)
+    async def body():
+        vm = await vms.start("vm1", objects=(RAM,), chardevs=(chardev(str(tmp_path / "ch0.sock")),))
+        await vm.execute("cont")
+        names = set()
+        for tid in os.listdir(f"/proc/{vm.pid}/task"):
+            with open(f"/proc/{vm.pid}/task/{tid}/comm") as f:
+                names.add(f.read().strip())
+        assert "guest-chardev-c" in names  # guest-chardev-ch0, as the kernel keeps 15 bytes
+        assert "vcpu-0" in names or "guest-progress-" in names  # the KVM vCPU, or the thread accelerator's guest
+
+    run_vm_test(vms, body)

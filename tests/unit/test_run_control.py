@@ -170,3 +170,53 @@ def test_shutdown_ends_every_thread_stopped_or_polling():
     assert all(not t.is_alive() for t in ctl._threads)
     os.close(r)
     os.close(w)
+
+
+class Runner:
+    """An accelerator's stand-in: it says it entered the guest only when the test lets it."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.may_enter = threading.Event()
+
+    def pause(self, timeout_s: float) -> None:
+        self.entered.clear()
+
+    def resume(self) -> None:
+        threading.Thread(target=lambda: self.may_enter.wait(5) and self.entered.set(), daemon=True).start()
+
+    def wait_running(self, timeout_s: float) -> bool:
+        return self.entered.wait(timeout_s)
+
+    def shutdown(self) -> None:
+        self.may_enter.set()
+
+
+def test_wait_running_returns_once_every_thread_had_a_turn_and_every_vcpu_entered(ctl):
+    rec = Recorder()
+    rec.release.clear()  # the thread's first turn after the resume does not end yet
+    ctl.spawn("g", rec.loop)
+    runner = Runner()
+    ctl.add_runner(runner)
+    rec.started.wait(5)
+    ctl.resume()
+    assert not ctl.wait_running(0.05)  # neither the turn nor the vCPU
+    rec.release.set()
+    wait_for(lambda: rec.turns > 0)
+    assert not ctl.wait_running(0.05)  # the turn ended, the vCPU has not entered
+    runner.may_enter.set()
+    assert ctl.wait_running(5)
+    # a new stop and resume ask again: a turn taken before the stop does not count
+    ctl.pause()
+    rec.release.clear()
+    ctl.resume()
+    assert not ctl.wait_running(0.05)
+    rec.release.set()
+    assert ctl.wait_running(5)
+
+
+def test_wait_running_does_not_wait_for_a_thread_that_has_exited(ctl):
+    ctl.spawn("done", lambda guest: None)
+    wait_for(lambda: not ctl._threads[0].is_alive())
+    ctl.resume()
+    assert ctl.wait_running(5)
