@@ -1,9 +1,20 @@
-"""The peer of a socket chardev: numbered lines sent through a migration, every interruption noticed."""
+"""The peer of a socket chardev: numbered lines sent through a migration, every interruption noticed.
+
+:class:`ChardevClient` runs in the caller's process; :class:`ChardevClientProcess`
+runs one in a process of its own (``python -m migfd.peers.chardev``), so that
+its timing does not share the GIL of a benchmark that parses QMP replies
+while the switchover it measures goes on.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -151,3 +162,123 @@ class ChardevClient:
         lost = sorted(set(range(self.sent)) - self.echoed)
         return ChardevReport(self.sent, len(self.echoed), self.reconnects, self.max_gap_ns, lost,
                              list(self.arrivals_ns), self.own_gaps, self.realtime)
+
+
+class ChardevClientProcess:
+    """A :class:`ChardevClient` in a child process, driven over its stdin and stdout.
+
+    The same calls as the client's: :meth:`start`, :meth:`wait_echoes`,
+    :meth:`stop` (which returns the :class:`ChardevReport`) and
+    :attr:`error`. Commands are lines: ``echoed`` (answered with the count
+    of lines echoed so far) and ``stop DRAIN_S`` (answered with the report
+    as JSON); the child also stops when its stdin closes.
+    """
+
+    def __init__(self, path: str, rate_per_s: int = 1000, connect_timeout_s: float = 10.0):
+        self.argv = [sys.executable, "-m", "migfd.peers.chardev", path, "--rate", str(rate_per_s),
+                     "--connect-timeout", str(connect_timeout_s)]
+        self.connect_timeout_s = connect_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        line = self._reply(self.connect_timeout_s + 30)
+        if not line.startswith('{"connected"'):
+            why = json.loads(line).get("error", line) if line.startswith("{") else line.strip()
+            if not why:
+                self.proc.kill()
+                why = self.proc.stderr.read().strip()[-300:] if self.proc.stderr else ""
+            self.kill()
+            raise RuntimeError(f"chardev client did not connect: {why or 'no answer'}")
+
+    def _reply(self, timeout_s: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        return self.proc.stdout.readline() if ready else ""
+
+    def _ask(self, command: str, timeout_s: float) -> str:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return ""
+        return self._reply(timeout_s)
+
+    def echoed(self) -> int:
+        """Lines echoed so far."""
+        reply = self._ask("echoed", 10.0).strip()
+        return int(reply) if reply.isdigit() else 0
+
+    def wait_echoes(self, count: int, timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.echoed() >= count:
+                return True
+            time.sleep(0.005)
+        return self.echoed() >= count
+
+    def stop(self, drain_s: float = 0.5) -> ChardevReport:
+        """End the client and return what it saw; RuntimeError when the child has no report."""
+        line = self._ask(f"stop {drain_s}", drain_s + 15)
+        self.kill()
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            err = self.proc.stderr.read() if self.proc is not None and self.proc.stderr else ""
+            raise RuntimeError(f"chardev client gave no report: {err.strip()[-300:] or 'no answer'}") from None
+        self.error = data.pop("error")
+        gaps = data.pop("own_gaps")
+        return ChardevReport(**data, own_gaps=OwnGaps(gaps["limit_ns"], [tuple(g) for g in gaps["gaps"]]))
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m migfd.peers.chardev",
+                                     description="a chardev client in a process of its own (see ChardevClientProcess)")
+    parser.add_argument("path")
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--connect-timeout", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    client = ChardevClient(args.path, rate_per_s=args.rate, connect_timeout_s=args.connect_timeout)
+    try:
+        client.start()
+    except OSError as exc:
+        print(json.dumps({"error": f"cannot connect to {args.path}: {exc}"}), flush=True)
+        return 1
+    print(json.dumps({"connected": args.path}), flush=True)
+    drain_s = 0.0
+    for line in sys.stdin:
+        command, _, arg = line.strip().partition(" ")
+        if command == "echoed":
+            print(len(client.echoed), flush=True)
+        elif command == "stop":
+            drain_s = float(arg or 0)
+            break
+    report = client.stop(drain_s)
+    out = dataclasses.asdict(report)  # own_gaps too: {"limit_ns": ..., "gaps": [...]}
+    out["error"] = client.error
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # the benchmark starts it so: no CLI, no VM stack to import
+    sys.exit(_main())

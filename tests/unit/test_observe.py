@@ -92,9 +92,17 @@ def test_the_switchover_outage_is_the_longest_silence_over_the_reported_pause():
     assert longest_before([a, b, c], 0, 250) is a
 
 
-def test_an_echo_stream_silence_runs_from_the_last_echo_at_the_stop_to_the_first_at_the_resume():
+def test_an_echo_stream_silence_is_its_longest_gap_over_the_pause():
     arrivals = [0, 250, 500, 750, 4_000, 4_250]
     s = echo_silence(arrivals, stop_ns=800, resume_ns=3_000)
     assert (s.start_ns, s.end_ns) == (750, 4_000)
+    # an echo after the stop was asked (the chardev still ran while the vCPUs stopped):
+    # the client's silence starts there, not at the last echo before the request
+    s = echo_silence([0, 250, 500, 750, 1_100, 4_000], stop_ns=800, resume_ns=3_000)
+    assert (s.start_ns, s.end_ns) == (1_100, 4_000)
+    # a gap inside the pause that is longer than the one over the resume is the silence
+    s = echo_silence([0, 700, 2_900, 3_100], stop_ns=800, resume_ns=3_000)
+    assert (s.start_ns, s.end_ns) == (700, 2_900)
+    assert echo_silence([900, 4_000], stop_ns=800, resume_ns=3_000) is None  # no echo before the stop
     assert echo_silence(arrivals, stop_ns=800, resume_ns=5_000) is None  # no echo after the resume
     assert echo_silence([], 0, 1) is None

@@ -9,7 +9,7 @@ from migfd.bench.scenario import (
     DIRTY_RATE, TRAFFIC_DRAIN_S, TRAFFIC_LEAD_S, TRAFFIC_TAIL_S, TRAFFIC_VM_RAM, BenchContext, Plan,
     Scenario, Traffic, Trial, TrialSpec, VMConfig, VMTrial, ram_object, traffic_plan,
 )
-from migfd.peers.chardev import ChardevClient
+from migfd.peers.chardev import ChardevClientProcess
 from migfd.peers.migrate import MigrationResult
 
 #: lines per second: one every 250 µs, the resolution of the client's switchover silence
@@ -21,7 +21,7 @@ class ChardevTrial(VMTrial):
 
     def __init__(self, spec: TrialSpec, ctx: BenchContext):
         super().__init__(spec, ctx)
-        self.client: ChardevClient | None = None
+        self.client: ChardevClientProcess | None = None
 
     def config(self) -> VMConfig:
         return VMConfig(objects=(ram_object(TRAFFIC_VM_RAM, self.spec.options["fill"]),),
@@ -30,7 +30,9 @@ class ChardevTrial(VMTrial):
 
     async def measure(self) -> Traffic:
         loop = asyncio.get_running_loop()
-        self.client = ChardevClient(f"{self.workdir}/ch0.sock", rate_per_s=CHARDEV_LINE_RATE)
+        # In a process of its own: its echo times must not wait for this process's GIL
+        # while it takes the migration's events and replies.
+        self.client = ChardevClientProcess(f"{self.workdir}/ch0.sock", rate_per_s=CHARDEV_LINE_RATE)
         await loop.run_in_executor(None, self.client.start)
         if not await loop.run_in_executor(None, self.client.wait_echoes, 1, 10.0):
             raise RuntimeError("the chardev never echoed the client's first line")

@@ -1,0 +1,88 @@
+"""The chardev client in a process of its own (what the benchmark runs), against a real echoing peer.
+
+The peer is a UNIX socket server in this process that echoes lines, and can
+stop echoing for a while and drop the connection: what the client reports
+must be what the peer did.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from migfd.peers.chardev import ChardevClientProcess
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class EchoPeer:
+    """Echoes every line; ``hold`` stops reading for a while; ``drop`` closes the connection once."""
+
+    def __init__(self, path: str):
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(2)
+        self.hold = threading.Event()
+        self.drop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                while True:
+                    while self.hold.is_set():
+                        time.sleep(0.001)
+                    if self.drop.is_set():
+                        self.drop.clear()
+                        break
+                    try:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        conn.sendall(data)
+                    except OSError:
+                        break
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_the_client_process_reports_what_its_peer_did(tmp_path):
+    peer = EchoPeer(str(tmp_path / "peer.sock"))
+    client = ChardevClientProcess(str(tmp_path / "peer.sock"), rate_per_s=1000)
+    try:
+        client.start()
+        assert client.wait_echoes(20)
+        peer.hold.set()
+        time.sleep(0.1)  # the peer reads nothing: the client's lines queue, no echo comes
+        peer.hold.clear()
+        assert client.wait_echoes(client.echoed() + 20)
+        peer.drop.set()  # the peer closes the connection: the client reconnects
+        assert client.wait_echoes(client.echoed() + 50)
+        report = client.stop(drain_s=2.0)
+    finally:
+        client.kill()
+        peer.close()
+    assert client.error is None
+    assert report.reconnects == 1
+    assert report.lines_sent > 100 and report.lines_echoed >= report.lines_sent - len(report.lost)
+    assert report.arrivals_ns == sorted(report.arrivals_ns) and len(report.arrivals_ns) > 10
+    # the hold is the longest silence between two echoes, and the report says so
+    gaps = [b - a for a, b in zip(report.arrivals_ns, report.arrivals_ns[1:])]
+    assert max(gaps) >= 90_000_000 and report.max_gap_ns >= 90_000_000
+    assert report.own_gaps is not None and report.own_gaps.limit_ns > 1_000_000
+
+
+def test_a_client_that_cannot_connect_says_so(tmp_path):
+    client = ChardevClientProcess(str(tmp_path / "nobody.sock"), connect_timeout_s=0.2)
+    with pytest.raises(RuntimeError, match="did not connect"):
+        client.start()
+    client.kill()
