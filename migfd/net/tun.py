@@ -164,7 +164,21 @@ def tap_ifreq(fd: int) -> tuple[bytes, int]:
     The form to compare many fds against one expected name: checking the
     queues of a TAP handed over runs once per fd, inside the downtime.
     """
-    return _IFREQ.unpack(fcntl.ioctl(fd, TUNGETIFF, _IFREQ_EMPTY))
+    return decode_ifreq(tap_ifreq_raw(fd))
+
+
+def tap_ifreq_raw(fd: int) -> bytes:
+    """TUNGETIFF's answer as the kernel wrote it (OSError if ``fd`` refuses the ioctl).
+
+    The queues of one TAP answer with the same bytes: comparing answers as
+    bytes is the cheapest way to check many queues against one that passed.
+    """
+    return fcntl.ioctl(fd, TUNGETIFF, _IFREQ_EMPTY)
+
+
+def decode_ifreq(raw: bytes) -> tuple[bytes, int]:
+    """The interface name (NUL-padded to 16 bytes) and the flags of a TUNGETIFF answer."""
+    return _IFREQ.unpack(raw)
 
 
 def tap_info(fd: int) -> TapInfo:

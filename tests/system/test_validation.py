@@ -17,7 +17,8 @@ from migfd.errors import MigrationError
 from migfd.migration import MIGRATION_SECTION, MIGRATION_VMSD
 from migfd.migration.base import read_rp
 from migfd.net.netns import NetNamespace
-from migfd.net.tun import open_tap
+from migfd.net import tun
+from migfd.net.tun import open_tap, open_tap_queues
 from migfd.params import MigrationParameters
 from migfd.stream import ReturnPathMessage, StreamWriter
 
@@ -115,6 +116,37 @@ def test_tap_fds_must_be_the_expected_interface():
         finally:
             for x in (fd, other, r, w):
                 os.close(x)
+
+
+@needs_tap
+def test_tap_queues_are_checked_by_one_ioctl_each_and_any_other_file_is_refused(monkeypatch):
+    """The queues of one TAP answer TUNGETIFF alike: one answer is decoded, the rest
+    compared as bytes; a file of any other kind among them refuses the ioctl itself."""
+    with NetNamespace() as ns:
+        queues = open_tap_queues("vtap0", 4, netns=ns.name)
+        other = open_tap("vtap1", multi_queue=True, netns=ns.name)
+        unattached = os.open("/dev/net/tun", os.O_RDWR)
+        r, w = os.pipe()
+        sock_a, sock_b = socket.socketpair()
+        memfd = _memfd(4096)
+        decoded = []
+        real_decode = tun.decode_ifreq
+        monkeypatch.setattr(tun, "decode_ifreq", lambda raw: decoded.append(raw) or real_decode(raw))
+        try:
+            validate_tap_fds(queues, "vtap0", True, "net0")
+            assert len(decoded) == 1
+            for stranger in (r, sock_a.fileno(), memfd, unattached):
+                with pytest.raises(MigrationError, match="netdev 'net0': received fd is not a TAP device"):
+                    validate_tap_fds([*queues[:2], stranger, queues[2]], "vtap0", True, "net0")
+                os.fstat(stranger)  # refused, not closed: its owner closes it
+            # an answer unlike the first one's is checked on its own
+            with pytest.raises(MigrationError, match="received TAP is attached to vtap1, expected vtap0"):
+                validate_tap_fds([*queues, other], "vtap0", True, "net0")
+        finally:
+            for x in (*queues, other, unattached, r, w, memfd):
+                os.close(x)
+            sock_a.close()
+            sock_b.close()
 
 
 def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms, thread_accel):
