@@ -72,6 +72,11 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 _FD_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
+# The MSG_* flags as plain ints: socket.MsgFlag is an enum.IntFlag, whose | and &
+# cost about a µs each in Python 3.11, on every read of a message that carries fds.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 def socket_supports_fds(sock: socket.socket) -> bool:
@@ -439,10 +444,9 @@ class QEMUFile:
         assert self._sock is not None
         try:
             if not self.supports_fds:
-                return self._sock.recv_into(buffer, 0, socket.MSG_DONTWAIT), []
+                return self._sock.recv_into(buffer, 0, _MSG_DONTWAIT), []
             start = time.monotonic_ns()
-            nbytes, ancdata, flags, _ = self._sock.recvmsg_into(
-                [buffer], _ANCBUF, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            nbytes, ancdata, flags, _ = self._sock.recvmsg_into([buffer], _ANCBUF, _RECV_FLAGS)
         except BlockingIOError:
             return None
         fds: list[int] = []
@@ -452,7 +456,7 @@ class QEMUFile:
                 fds.extend(array.array("i", payload[:usable]))
         if fds and self.timeline is not None:
             self.timeline.add("fds-received", start, time.monotonic_ns())
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             close_fds(fds)
             raise ChannelError(f"{self.name}: control message truncated, fds were lost")
         return nbytes, fds

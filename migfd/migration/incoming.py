@@ -59,8 +59,10 @@ DRAIN_LIMIT_BYTES = 1 << 20
 READ_BYTES = 1 << 20
 #: the room lent for a read while the messages are small (setup, the switchover):
 #: lending room costs a zero fill and, for a MiB, fresh pages that fault in one
-#: by one -- hundreds of µs inside the downtime for a message of a few hundred bytes
-READ_BYTES_MIN = 64 << 10
+#: by one -- hundreds of µs inside the downtime for a message of a few hundred bytes.
+#: A message that carries fds ends a read, so the switchover reads once per fd
+#: batch (once per fd unbatched): 64 KiB of fill cost ~1 µs more a read than 4 KiB
+READ_BYTES_MIN = 4 << 10
 
 log = logging.getLogger("migfd.migration")
 
