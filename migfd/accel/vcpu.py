@@ -274,6 +274,8 @@ class VcpuThread:
         self.entered_ns = 0
         #: set when this thread enters the guest after a resume (or finds it cannot)
         self.entered = threading.Event()
+        #: the OS thread id (QEMU's query-cpus-fast "thread-id"), once the thread runs
+        self.thread_id = 0
         self.error: str | None = None
         self.thread = threading.Thread(target=self._main, name=f"vcpu-{self.index}", daemon=True)
 
@@ -320,6 +322,7 @@ class VcpuThread:
     # -- the vCPU's thread ------------------------------------------------------------
 
     def _main(self) -> None:
+        self.thread_id = threading.get_native_id()
         fine_timer_slack()
         try:
             while True:
@@ -388,7 +391,8 @@ class VcpuThread:
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "exits": dict(self.exits), "kicks": self.kicks,
-                               "entered-ns": self.entered_ns}
+                               "entered-ns": self.entered_ns, "thread-id": self.thread_id,
+                               "kvm-stats": self.vcpu.stats()}
         if self.error:
             out["error"] = self.error
         return out

@@ -346,3 +346,31 @@ async def start_smp(vms, name: str, smp: int, **kwargs):
 async def moves_at(counter: ProgressCounter, addr: int, what: str) -> None:
     first = counter.read(addr)
     await wait_until(lambda: counter.read(addr) != first, what=what)
+
+
+@needs_kvm
+def test_a_spinning_vcpu_reports_its_thread_and_kvm_counters_without_stopping(vms, monkeypatch):
+    # The guest never leaves KVM_RUN (duty 1): a query that took a vCPU ioctl would wait
+    # for it forever (KVM holds the vCPU's mutex in KVM_RUN); the counters come from a
+    # stats fd taken when the vCPU was made.
+    monkeypatch.setenv("MIGFD_GUEST_DUTY", "1")
+
+    async def body():
+        vm = await vms.start("vm", objects=(ram_opt(),), dirty_rate_bytes_s=4 << 20)
+        counter = ProgressCounter(vm.pid)
+        try:
+            await moves(counter, "the guest's progress counter")
+            first = (await asyncio.wait_for(guest(vm), 10))["accel"]["vcpus"][0]
+            await asyncio.sleep(0.2)
+            second = (await asyncio.wait_for(guest(vm), 10))["accel"]["vcpus"][0]
+            await moves(counter, "the counter after the queries")
+        finally:
+            counter.close()
+        with open(f"/proc/{vm.pid}/task/{first['thread-id']}/comm") as f:
+            assert f.read().strip() == "vcpu-0"  # the thread QEMU's query-cpus-fast would name
+        stats = first["kvm-stats"]
+        assert {"exits", "pf_taken", "signal_exits"} <= set(stats)
+        # the guest stamps new pages all along: KVM fixes their faults, and the counter grows
+        assert second["kvm-stats"]["pf_fixed"] > stats["pf_fixed"]
+
+    run_vm_test(vms, body)
