@@ -43,6 +43,7 @@ import struct
 import subprocess
 import sys
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -352,8 +353,10 @@ def observe(targets: list[Target], period_ns: int = DEFAULT_PERIOD_NS, *, until=
     """
     rt = realtime()
     own = OwnGaps(period_ns + OWN_GAP_SLACK_NS)
-    times: list[int] = []
-    values: list[list[int]] = []
+    # Compact arrays, 8 bytes a number: an observer left running for an hour at
+    # 10,000 samples a second keeps them all (lists of ints took ~2 GB in 15 minutes).
+    times = array("q")
+    values = array("q")
     last = [-1] * len(targets)
     run = [0] * len(targets)  # consecutive intervals each counter changed in
     last_progress: int | None = None
@@ -366,7 +369,7 @@ def observe(targets: list[Target], period_ns: int = DEFAULT_PERIOD_NS, *, until=
             own.note(prev, now)
             prev = now
             times.append(now)
-            values.append(row)
+            values.extend(row)
             progress = False
             for i, v in enumerate(row):
                 run[i] = run[i] + 1 if v >= 0 and last[i] >= 0 and v != last[i] else 0
@@ -392,8 +395,8 @@ def observe(targets: list[Target], period_ns: int = DEFAULT_PERIOD_NS, *, until=
         for t in targets:
             t.close()
     return Observation([t.label for t in targets], period_ns, rt,
-                       np.asarray(times, dtype=np.int64),
-                       np.asarray(values, dtype=np.int64).reshape(len(times), len(targets)), own)
+                       np.frombuffer(times, dtype=np.int64),
+                       np.frombuffer(values, dtype=np.int64).reshape(len(times), len(targets)), own)
 
 
 # --------------------------------------------------------------------------
