@@ -149,6 +149,35 @@ def test_tap_queues_are_checked_by_one_ioctl_each_and_any_other_file_is_refused(
             sock_b.close()
 
 
+async def _fake_source(vms):
+    """A destination with 1 MiB of RAM taking backend-transfer, and the test's socket connected to it
+    as the source: (the destination, the source's QEMUFile)."""
+    dst = await vms.start("dst", incoming="defer",
+                          objects=("memory-backend-memfd,id=ram0,size=1M,backend-transfer=on",))
+    await dst.execute("migrate-set-parameters", {"backend-transfer": True})
+    path = vms.path("mig.sock")
+    await dst.execute("migrate-incoming", {"uri": f"unix:{path}"})
+    await wait_until(lambda: os.path.exists(path), what="destination listening")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return dst, QEMUFile.from_socket(sock, "fake-source")
+
+
+def _send_state(f: QEMUFile, ram_fd: int, cookie: int = 7) -> StreamWriter:
+    """Setup, the RAM section handing over ``ram_fd``, the migration section and a PING, flushed."""
+    writer = StreamWriter(f)
+    writer.write_header()
+    writer.write_configuration("migfd-pc", MigrationParameters(backend_transfer=True).capabilities())
+    writer.write_open_return_path()
+    writer.write_ram_start([])
+    dev = MemoryBackendMemfd("ram0", 1 << 20, backend_transfer=True)
+    writer.write_section_full(dev.section_name, 0, dev.vmsd, {"size": 1 << 20, "pages_dirtied": 0, "fd": ram_fd})
+    writer.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD, {"stop_ns": 1, "running": True})
+    writer.write_ping(cookie)
+    f.flush()
+    return writer
+
+
 def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms, thread_accel):
     """A source (played by the test) hands over a pipe where the memfd belongs.
 
@@ -156,31 +185,11 @@ def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms, thr
     no vCPU state, which a KVM destination would miss before it looked at RAM.
     """
     async def body():
-        dst = await vms.start("dst", incoming="defer",
-                              objects=("memory-backend-memfd,id=ram0,size=1M,backend-transfer=on",))
-        await dst.execute("migrate-set-parameters", {"backend-transfer": True})
-        path = vms.path("mig.sock")
-        await dst.execute("migrate-incoming", {"uri": f"unix:{path}"})
-        await wait_until(lambda: os.path.exists(path), what="destination listening")
+        dst, f = await _fake_source(vms)
         before = proc_fds(dst.pid)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        f = QEMUFile.from_socket(sock, "fake-source")
         r, w = os.pipe()
         try:
-            params = MigrationParameters(backend_transfer=True)
-            writer = StreamWriter(f)
-            writer.write_header()
-            writer.write_configuration("migfd-pc", params.capabilities())
-            writer.write_open_return_path()
-            writer.write_ram_start([])
-            ram = MemoryBackendMemfd("ram0", 1 << 20, backend_transfer=True)
-            writer.write_section_full(ram.section_name, 0, ram.vmsd,
-                                      {"size": 1 << 20, "pages_dirtied": 0, "fd": r})
-            writer.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD,
-                                      {"stop_ns": 1, "running": True})
-            writer.write_ping(7)
-            f.flush()
+            _send_state(f, r)
             info = await dst.wait_migration(30)
             assert info["status"] == "failed"
             assert "memory backend 'ram0'" in info["error-desc"] and "not a memfd" in info["error-desc"]
@@ -207,27 +216,10 @@ def test_a_bad_device_description_after_eof_does_not_fail_a_valid_state(vms, thr
     and sends EOF followed by a broken description: past the commit no one else would run the guest.
     """
     async def body():
-        dst = await vms.start("dst", incoming="defer",
-                              objects=("memory-backend-memfd,id=ram0,size=1M,backend-transfer=on",))
-        await dst.execute("migrate-set-parameters", {"backend-transfer": True})
-        path = vms.path("mig.sock")
-        await dst.execute("migrate-incoming", {"uri": f"unix:{path}"})
-        await wait_until(lambda: os.path.exists(path), what="destination listening")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        f = QEMUFile.from_socket(sock, "fake-source")
+        dst, f = await _fake_source(vms)
         ram = _memfd(1 << 20)
         try:
-            writer = StreamWriter(f)
-            writer.write_header()
-            writer.write_configuration("migfd-pc", MigrationParameters(backend_transfer=True).capabilities())
-            writer.write_open_return_path()
-            writer.write_ram_start([])
-            dev = MemoryBackendMemfd("ram0", 1 << 20, backend_transfer=True)
-            writer.write_section_full(dev.section_name, 0, dev.vmsd, {"size": 1 << 20, "pages_dirtied": 0, "fd": ram})
-            writer.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD, {"stop_ns": 1, "running": True})
-            writer.write_ping(7)
-            f.flush()
+            writer = _send_state(f, ram)
             assert read_rp(f) == (ReturnPathMessage.PONG, (7).to_bytes(4, "big"))
             writer.write_eof()
             f.put_buffer(after_eof)
