@@ -187,11 +187,8 @@ class ChardevClientProcess:
         line = self._reply(self.connect_timeout_s + 30)
         if not line.startswith('{"connected"'):
             why = json.loads(line).get("error", line) if line.startswith("{") else line.strip()
-            if not why:
-                self.proc.kill()
-                why = self.proc.stderr.read().strip()[-300:] if self.proc.stderr else ""
-            self.kill()
-            raise RuntimeError(f"chardev client did not connect: {why or 'no answer'}")
+            err = self.kill()
+            raise RuntimeError(f"chardev client did not connect: {why or err or 'no answer'}")
 
     def _reply(self, timeout_s: float) -> str:
         assert self.proc is not None and self.proc.stdout is not None
@@ -223,19 +220,20 @@ class ChardevClientProcess:
     def stop(self, drain_s: float = 0.5) -> ChardevReport:
         """End the client and return what it saw; RuntimeError when the child has no report."""
         line = self._ask(f"stop {drain_s}", drain_s + 15)
-        self.kill()
+        err = self.kill()
         try:
             data = json.loads(line)
         except json.JSONDecodeError:
-            err = self.proc.stderr.read() if self.proc is not None and self.proc.stderr else ""
-            raise RuntimeError(f"chardev client gave no report: {err.strip()[-300:] or 'no answer'}") from None
+            raise RuntimeError(f"chardev client gave no report: {err or 'no answer'}") from None
         self.error = data.pop("error")
         gaps = data.pop("own_gaps")
         return ChardevReport(**data, own_gaps=OwnGaps(gaps["limit_ns"], [tuple(g) for g in gaps["gaps"]]))
 
-    def kill(self) -> None:
+    def kill(self) -> str:
+        """End the child: its stdin closed (it stops), SIGKILL after 10 s; returns the tail of
+        what it wrote to stderr. Safe to call again."""
         if self.proc is None:
-            return
+            return ""
         if self.proc.stdin is not None:
             try:
                 self.proc.stdin.close()
@@ -246,9 +244,13 @@ class ChardevClientProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        err = ""
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            err = self.proc.stderr.read().strip()[-300:]
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
+        return err
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,21 @@ def test_the_client_process_reports_what_its_peer_did(tmp_path):
     assert report.own_gaps is not None and report.own_gaps.limit_ns > 1_000_000
 
 
+def test_a_client_process_that_died_gives_a_clear_error_not_a_report(tmp_path):
+    peer = EchoPeer(str(tmp_path / "peer.sock"))
+    client = ChardevClientProcess(str(tmp_path / "peer.sock"), rate_per_s=1000)
+    try:
+        client.start()
+        assert client.wait_echoes(5)
+        client.proc.kill()
+        client.proc.wait()
+        with pytest.raises(RuntimeError, match="gave no report"):
+            client.stop()
+    finally:
+        client.kill()
+        peer.close()
+
+
 def test_a_client_that_cannot_connect_says_so(tmp_path):
     client = ChardevClientProcess(str(tmp_path / "nobody.sock"), connect_timeout_s=0.2)
     with pytest.raises(RuntimeError, match="did not connect"):
