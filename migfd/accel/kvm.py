@@ -391,10 +391,6 @@ class Vcpu:
 #: struct kvm_stats_header and the fixed part of struct kvm_stats_desc (linux/kvm.h)
 _STATS_HEADER = struct.Struct("<IIIIII")
 _STATS_DESC = struct.Struct("<IhHII")
-#: kvm_stats_desc.flags: the type bits, and the one type that is a histogram
-_STATS_TYPE_MASK = 0xF
-_STATS_TYPE_HIST = 0x3 << 0  # KVM_STATS_TYPE_LINEAR_HIST
-_STATS_TYPE_LOG_HIST = 0x4
 
 
 def read_binary_stats(fd: int) -> dict[str, int]:
@@ -406,9 +402,9 @@ def read_binary_stats(fd: int) -> dict[str, int]:
     data = os.pread(fd, 1 << 16, data_offset)
     out: dict[str, int] = {}
     for i in range(num_desc):
-        flags, _exponent, size, offset, _bucket = _STATS_DESC.unpack_from(descs, i * desc_size)
-        if size != 1 or (flags & _STATS_TYPE_MASK) in (_STATS_TYPE_HIST, _STATS_TYPE_LOG_HIST):
-            continue
+        _flags, _exponent, size, offset, _bucket = _STATS_DESC.unpack_from(descs, i * desc_size)
+        if size != 1:
+            continue  # a histogram: one u64 a bucket
         raw = descs[i * desc_size + _STATS_DESC.size:(i + 1) * desc_size]
         name = raw.split(b"\0", 1)[0].decode("ascii", "replace")
         out[name] = struct.unpack_from("<Q", data, offset)[0]
