@@ -55,22 +55,29 @@ class EchoPeer:
         self.server.close()
 
 
-def test_the_client_process_reports_what_its_peer_did(tmp_path):
+@pytest.fixture
+def connected(tmp_path):
+    """An echoing peer and a client process connected to it; both ended afterwards, pass or fail."""
     peer = EchoPeer(str(tmp_path / "peer.sock"))
     client = ChardevClientProcess(str(tmp_path / "peer.sock"), rate_per_s=1000)
     try:
         client.start()
-        assert client.wait_echoes(20)
-        peer.hold.set()
-        time.sleep(0.1)  # the peer reads nothing: the client's lines queue, no echo comes
-        peer.hold.clear()
-        assert client.wait_echoes(client.echoed() + 20)
-        peer.drop.set()  # the peer closes the connection: the client reconnects
-        assert client.wait_echoes(client.echoed() + 50)
-        report = client.stop(drain_s=2.0)
+        yield peer, client
     finally:
         client.kill()
         peer.close()
+
+
+def test_the_client_process_reports_what_its_peer_did(connected):
+    peer, client = connected
+    assert client.wait_echoes(20)
+    peer.hold.set()
+    time.sleep(0.1)  # the peer reads nothing: the client's lines queue, no echo comes
+    peer.hold.clear()
+    assert client.wait_echoes(client.echoed() + 20)
+    peer.drop.set()  # the peer closes the connection: the client reconnects
+    assert client.wait_echoes(client.echoed() + 50)
+    report = client.stop(drain_s=2.0)
     assert client.error is None
     assert report.reconnects == 1
     assert report.lines_sent > 100 and report.lines_echoed >= report.lines_sent - len(report.lost)
@@ -81,19 +88,13 @@ def test_the_client_process_reports_what_its_peer_did(tmp_path):
     assert report.own_gaps is not None and report.own_gaps.limit_ns > 1_000_000
 
 
-def test_a_client_process_that_died_gives_a_clear_error_not_a_report(tmp_path):
-    peer = EchoPeer(str(tmp_path / "peer.sock"))
-    client = ChardevClientProcess(str(tmp_path / "peer.sock"), rate_per_s=1000)
-    try:
-        client.start()
-        assert client.wait_echoes(5)
-        client.proc.kill()
-        client.proc.wait()
-        with pytest.raises(RuntimeError, match="gave no report"):
-            client.stop()
-    finally:
-        client.kill()
-        peer.close()
+def test_a_client_process_that_died_gives_a_clear_error_not_a_report(connected):
+    _, client = connected
+    assert client.wait_echoes(5)
+    client.proc.kill()
+    client.proc.wait()
+    with pytest.raises(RuntimeError, match="gave no report"):
+        client.stop()
 
 
 def test_a_client_that_cannot_connect_says_so(tmp_path):
