@@ -35,6 +35,11 @@ class MigrationParameters:
     x_batch_fds: bool = True
     #: bound on every blocking read or write of the migration channel, in ms
     x_channel_timeout_ms: int = 30_000
+    #: with backend-transfer, the fds travel (and the destination validates and
+    #: adopts them) during setup, before the guest stops, as cpr-transfer orders
+    #: it; the switchover then carries only the state beside them. migfd only:
+    #: QEMU's destination does not know the early sections
+    x_early_fds: bool = False
 
     def to_qmp(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -59,11 +64,13 @@ class MigrationParameters:
 
     def capabilities(self) -> tuple[str, ...]:
         """Capabilities the configuration section lists, so a peer can check them."""
-        return ("backend-transfer",) if self.backend_transfer else ()
+        if not self.backend_transfer:
+            return ()
+        return ("backend-transfer", "x-early-fds") if self.x_early_fds else ("backend-transfer",)
 
 
 #: Capabilities whose setting must agree on both sides.
-VALIDATED_CAPABILITIES = ("backend-transfer",)
+VALIDATED_CAPABILITIES = ("backend-transfer", "x-early-fds")
 
 
 def check_capabilities(local: MigrationParameters, received: tuple[str, ...]) -> None:

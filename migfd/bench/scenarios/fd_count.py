@@ -8,6 +8,7 @@ from migfd.bench.scenario import (
     FD_PASSING, STATE_COPY, BenchContext, Plan, TapScenario, Trial, TrialSpec, VMConfig, VMTrial,
     interleave, migration_params, tap_available,
 )
+from migfd.bench.scenarios.fd_order import EARLY
 
 
 class FdCountTrial(VMTrial):
@@ -30,7 +31,8 @@ class FdCountTrial(VMTrial):
         return VMConfig(chardevs=chardevs, expected_fds=n)
 
     def params(self) -> dict[str, Any]:
-        return migration_params(self.spec, self.ctx, **{"x-batch-fds": self.spec.variant == "batched"})
+        return migration_params(self.spec, self.ctx, **{"x-batch-fds": self.spec.variant != "unbatched",
+                                                        "x-early-fds": self.spec.variant == EARLY})
 
     async def after_cleanup(self) -> None:
         self.scenario.remove_tap(self.ifname)
@@ -40,7 +42,8 @@ class FdCount(TapScenario):
     name = "fd-count"
     description = ("1 to 256 handed-over fds (queues of a multi-queue TAP as root, listening "
                    "chardev sockets otherwise), fd records batched (up to 16 per sendmsg) and "
-                   "unbatched; state copy of the same VM for comparison")
+                   "unbatched, and batched before the stop (x-early-fds); state copy of the same VM "
+                   "for comparison")
 
     COUNTS = [1, 4, 16, 64, 256]
     QUICK_COUNTS = [1, 16, 256]
@@ -59,7 +62,7 @@ class FdCount(TapScenario):
         counts = self.QUICK_COUNTS if ctx.quick else self.COUNTS
         n = ctx.n_trials(4, 2)
         modes = [{"mode": FD_PASSING, "variant": "batched"}, {"mode": STATE_COPY, "variant": ""},
-                 {"mode": FD_PASSING, "variant": "unbatched"}]
+                 {"mode": FD_PASSING, "variant": "unbatched"}, {"mode": FD_PASSING, "variant": EARLY}]
         specs = [TrialSpec(self.name, item["mode"], item["trial"], variant=item["variant"],
                            backend=self.backend, ram_bytes=0, n_fds=item["n"], dirty_rate_bytes_s=0,
                            live=True)
