@@ -19,6 +19,7 @@ import pandas as pd
 from migfd.results.anatomy import anatomy_table
 from migfd.results.load import select
 from migfd.results.summary import fmt_interval, fmt_ns
+from migfd.results.targets import slope_ratio_ci
 from migfd.stats import FAIL, PASS, Interval, clean, median_ci, ratio_ci, threshold_verdict
 
 SCENARIO = "fd-order"
@@ -41,16 +42,22 @@ def _fmt_ns_interval(interval: Interval) -> str:
     return fmt_interval(interval, fmt_ns)
 
 
+def _fd_count_groups(df: pd.DataFrame, variant: str) -> list[tuple[float, np.ndarray]]:
+    """fd-count's downtimes of ``variant``, per fd count: [(n, trials)]."""
+    rows = select(df, "fd-count", "fd-passing", variant=variant)
+    groups = [(float(n), clean(g["downtime_ns"].astype("float64"))) for n, g in rows.groupby("n_fds")]
+    return [(n, v) for n, v in groups if len(v)]
+
+
 def per_fd_slope(df: pd.DataFrame, variant: str) -> tuple[float, int]:
     """Least-squares slope of fd-count's median downtime against the fd count (ns per fd) for
     ``variant``, and the number of fd counts it rests on (NaN below two)."""
-    rows = select(df, "fd-count", "fd-passing", variant=variant)
-    points = [(float(n), float(np.median(clean(g["downtime_ns"].astype("float64")))))
-              for n, g in rows.groupby("n_fds") if len(clean(g["downtime_ns"].astype("float64")))]
-    if len(points) < 2:
-        return math.nan, len(points)
-    x, y = np.array(points).T
-    return float(np.polyfit(x, y, 1)[0]), len(points)
+    groups = _fd_count_groups(df, variant)
+    if len(groups) < 2:
+        return math.nan, len(groups)
+    x = np.array([n for n, _ in groups])
+    y = np.array([np.median(v) for _, v in groups])
+    return float(np.polyfit(x, y, 1)[0]), len(groups)
 
 
 def order_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -125,9 +132,16 @@ def order_conclusion(df: pd.DataFrame, timelines: pd.DataFrame) -> str:
                          for p, d in ((p, p["early − at switchover"]) for _, p in moved.iterrows())) + ".")
     slopes = {v: per_fd_slope(df, FD_COUNT_VARIANTS[v])[0] for v in ORDER_LABELS}
     if not any(math.isnan(s) for s in slopes.values()):
-        parts.append(f"Per extra fd (fd-count): {fmt_ns(slopes[AT_SWITCHOVER])} of downtime at the switchover, "
-                     f"{fmt_ns(slopes[EARLY])} when the fds go before the stop: early, the fds' send, receive and "
-                     f"validation leave the downtime; what each fd still costs there is its device's state.")
+        early = [(n, v) for n, v in _fd_count_groups(df, EARLY)]
+        at = [(n, v) for n, v in _fd_count_groups(df, FD_COUNT_VARIANTS[AT_SWITCHOVER])]
+        # the early slope over the switchover's, each resampled (the per-fd target's method)
+        ratio = slope_ratio_ci(early, at) if slopes[AT_SWITCHOVER] > 0 else Interval(math.nan, math.nan, math.nan, 0)
+        verdict = {PASS: "early, the fds' send, receive and validation leave the downtime",
+                   FAIL: "sending them early does not make an extra fd cheaper in the downtime"}.get(
+                       threshold_verdict(ratio, "<", 1), "the slopes' ratio is inconclusive")
+        parts.append(f"**Per extra fd** (fd-count): {fmt_ns(slopes[AT_SWITCHOVER])} of downtime at the switchover, "
+                     f"{fmt_ns(slopes[EARLY])} when the fds go before the stop; early / at switchover = "
+                     f"{fmt_interval(ratio)}: {verdict}.")
     parts.append("Why: before the stop the destination receives the fds, validates them (TUNGETIFF, the memfd's "
                  "seals, the sockets' kind) and adopts them (maps the RAM, points its KVM memory slots at it) while "
                  "the guest still runs; the switchover then carries only the devices' state. The cost is a "

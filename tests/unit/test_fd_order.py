@@ -55,7 +55,9 @@ def test_the_phases_that_moved_come_first_and_the_slopes_per_order():
     assert phases.iloc[0]["early − at switchover"] == -400_000
     slopes = order_table(df).set_index("metric").loc["downtime per extra fd (fd-count slope)"]
     assert slopes.iloc[0] == "5 µs/fd over 3 fd counts" and slopes.iloc[1] == "500 ns/fd over 3 fd counts"
-    assert "backends: validate + adopt −400 µs" in order_conclusion(df, timelines(spans))
+    text = order_conclusion(df, timelines(spans))
+    assert "backends: validate + adopt −400 µs" in text
+    assert "early / at switchover = 0.1 [0.1, 0.1]: early, the fds' send, receive and validation leave" in text
 
 
 def test_a_run_without_both_orders_says_so():
