@@ -18,7 +18,7 @@ import pandas as pd
 
 from migfd.results.anatomy import anatomy_table
 from migfd.results.load import select
-from migfd.results.summary import fmt_interval, fmt_ns
+from migfd.results.summary import fmt_bytes, fmt_interval, fmt_ns
 from migfd.results.targets import slope_ratio_ci
 from migfd.stats import FAIL, PASS, Interval, clean, median_ci, ratio_ci, threshold_verdict
 
@@ -60,18 +60,24 @@ def per_fd_slope(df: pd.DataFrame, variant: str) -> tuple[float, int]:
     return float(np.polyfit(x, y, 1)[0]), len(groups)
 
 
+def sizes(rows: pd.DataFrame) -> list[float]:
+    return sorted(rows["ram_bytes"].dropna().unique())
+
+
 def order_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per metric: each order's median [95% CI] and early / at-switchover [95% CI];
-    then frames lost or duplicated, and the per-fd slope (fd-count)."""
+    """One row per RAM size and metric: each order's median [95% CI] and early / at-switchover
+    [95% CI]; then frames lost or duplicated, and the per-fd slope (fd-count)."""
     rows = order_rows(df)
-    by = {v: rows[rows["variant"] == v] for v in ORDER_LABELS}
     out = []
-    for column, label in METRICS.items():
-        values = {v: clean(g[column].astype("float64")) if column in g else np.array([]) for v, g in by.items()}
-        ratio = ratio_ci(values[AT_SWITCHOVER], values[EARLY])
-        out.append({"metric": label,
-                    **{ORDER_LABELS[v]: _fmt_ns_interval(median_ci(values[v])) for v in ORDER_LABELS},
-                    "early / at switchover": fmt_interval(ratio)})
+    for size in sizes(rows):
+        at_size = rows[rows["ram_bytes"] == size]
+        by = {v: at_size[at_size["variant"] == v] for v in ORDER_LABELS}
+        for column, label in METRICS.items():
+            values = {v: clean(g[column].astype("float64")) for v, g in by.items()}
+            ratio = ratio_ci(values[AT_SWITCHOVER], values[EARLY])
+            out.append({"metric": f"{label}, {fmt_bytes(size)}",
+                        **{ORDER_LABELS[v]: _fmt_ns_interval(median_ci(values[v])) for v in ORDER_LABELS},
+                        "early / at switchover": fmt_interval(ratio)})
     every = select(df, SCENARIO, "fd-passing", ok=None)
     frames = {v: every[every["variant"] == v] for v in ORDER_LABELS}
     out.append({"metric": "frames lost + duplicated (all trials)",
@@ -87,10 +93,13 @@ def order_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def order_phases(df: pd.DataFrame, timelines: pd.DataFrame) -> pd.DataFrame:
+def order_phases(df: pd.DataFrame, timelines: pd.DataFrame, ram_bytes: float | None = None) -> pd.DataFrame:
     """Median ns of each phase group inside the downtime, per order (a column each), with the
-    difference early − at switchover; largest differences first."""
+    difference early − at switchover, largest differences first; at ``ram_bytes`` (default the
+    largest RAM size, where adopting the memfd costs most)."""
     rows = order_rows(df)
+    if len(rows):
+        rows = rows[rows["ram_bytes"] == (ram_bytes if ram_bytes is not None else sizes(rows)[-1])]
     if rows.empty or timelines.empty:
         return pd.DataFrame(columns=["phase", *ORDER_LABELS.values(), "early − at switchover"])
     table = anatomy_table(rows, timelines, grouped=True,
@@ -105,29 +114,31 @@ def order_phases(df: pd.DataFrame, timelines: pd.DataFrame) -> pd.DataFrame:
 def order_conclusion(df: pd.DataFrame, timelines: pd.DataFrame) -> str:
     """Which order wins, where and why, in words computed from this run (Markdown)."""
     rows = order_rows(df)
-    by = {v: rows[rows["variant"] == v] for v in ORDER_LABELS}
-    if any(g.empty for g in by.values()):
+    if any(rows[rows["variant"] == v].empty for v in ORDER_LABELS):
         return ("This run has no fd-order trials of both orders (the scenario needs root and a TAP; "
                 "`migfd bench --scenario fd-order`).")
     parts = []
-    for column, label in METRICS.items():
-        base = clean(by[AT_SWITCHOVER][column].astype("float64"))
-        new = clean(by[EARLY][column].astype("float64"))
-        if not len(base) or not len(new):
-            parts.append(f"The {label} was not measured in both orders.")
-            continue
-        ratio = ratio_ci(base, new)
-        verdict = {PASS: "sending the fds before the stop shortens it",
-                   FAIL: "sending the fds before the stop does not shorten it (the interval lies above 1)",
-                   }.get(threshold_verdict(ratio, "<", 1), "inconclusive: the interval holds 1, or there is none")
-        parts.append(f"**{label.capitalize()}**: {fmt_ns(float(np.median(base)))} at the switchover, "
-                     f"{fmt_ns(float(np.median(new)))} before the stop; early / at switchover = "
-                     f"{fmt_interval(ratio)} ({len(base)} and {len(new)} trials): {verdict}.")
+    for size in sizes(rows):
+        at_size = rows[rows["ram_bytes"] == size]
+        by = {v: at_size[at_size["variant"] == v] for v in ORDER_LABELS}
+        for column, label in METRICS.items():
+            base = clean(by[AT_SWITCHOVER][column].astype("float64"))
+            new = clean(by[EARLY][column].astype("float64"))
+            if not len(base) or not len(new):
+                parts.append(f"The {label} at {fmt_bytes(size)} was not measured in both orders.")
+                continue
+            ratio = ratio_ci(base, new)
+            verdict = {PASS: "sending the fds before the stop shortens it",
+                       FAIL: "sending the fds before the stop does not shorten it (none of the interval is below 1)",
+                       }.get(threshold_verdict(ratio, "<", 1), "inconclusive: the interval holds 1, or there is none")
+            parts.append(f"**{label.capitalize()}, {fmt_bytes(size)} RAM**: {fmt_ns(float(np.median(base)))} at the "
+                         f"switchover, {fmt_ns(float(np.median(new)))} before the stop; early / at switchover = "
+                         f"{fmt_interval(ratio)} ({len(base)} and {len(new)} trials): {verdict}.")
     phases = order_phases(df, timelines)
     if len(phases):
         moved = phases[phases["early − at switchover"].abs() > 0].head(3)
-        parts.append("Where the difference lies (median phase groups inside the downtime, early − at "
-                     "switchover): " + "; ".join(
+        parts.append(f"Where the difference lies at {fmt_bytes(sizes(rows)[-1])} (median phase groups inside the "
+                     f"downtime, early − at switchover): " + "; ".join(
                          f"{p['phase']} {'+' if d > 0 else '−'}{fmt_ns(abs(d))}"
                          for p, d in ((p, p["early − at switchover"]) for _, p in moved.iterrows())) + ".")
     slopes = {v: per_fd_slope(df, FD_COUNT_VARIANTS[v])[0] for v in ORDER_LABELS}

@@ -29,7 +29,7 @@ def test_early_fds_shorter_downtime_same_outage_is_said_as_such():
     df = table(order_rows(AT_SWITCHOVER, [2.0, 2.1, 1.9, 2.0, 2.05], [6, 9, 5, 8, 7])
                + order_rows(EARLY, [1.0, 1.05, 0.95, 1.0, 1.02], [7, 5, 9, 6, 8], first_id=10))
     t = order_table(df).set_index("metric")
-    assert t.loc["downtime (reported)", "early / at switchover"].startswith("0.5 [")
+    assert t.loc["downtime (reported), 64 MiB", "early / at switchover"].startswith("0.5 [")
     text = order_conclusion(df, pd.DataFrame(columns=["trial_id", "side", "phase", "start_ns", "end_ns"]))
     downtime, outage = text.split("\n\n")[:2]
     assert "shortens it" in downtime
@@ -63,3 +63,19 @@ def test_the_phases_that_moved_come_first_and_the_slopes_per_order():
 def test_a_run_without_both_orders_says_so():
     df = table(order_rows(AT_SWITCHOVER, [1.0, 1.0], [1, 1]))
     assert "no fd-order trials of both orders" in order_conclusion(df, pd.DataFrame(columns=["trial_id"]))
+
+
+def test_each_ram_size_is_judged_on_its_own_and_the_steps_are_the_largest_size():
+    small = order_rows(AT_SWITCHOVER, [1.0, 1.0, 1.0], [2, 2, 2]) + order_rows(EARLY, [1.0, 1.0, 1.0], [2, 2, 2], 10)
+    large = [dict(r, ram_bytes=1 << 30) for r in order_rows(AT_SWITCHOVER, [3.0, 3.1, 2.9], [5, 5.1, 4.9], 20)
+             + order_rows(EARLY, [1.0, 1.05, 0.95], [3, 3.1, 2.9], 30)]
+    df = table(small + large)
+    text = order_conclusion(df, pd.DataFrame(columns=["trial_id"]))
+    assert "**Downtime (reported), 64 MiB RAM**" in text and "**Downtime (reported), 1 GiB RAM**" in text
+    lines = {line.split("**")[1]: line for line in text.split("\n\n") if line.startswith("**")}
+    assert "does not shorten it" in lines["Downtime (reported), 64 MiB RAM"]  # exactly 1: not shorter
+    assert "shortens it" in lines["Downtime (reported), 1 GiB RAM"]
+    spans = {f"t{i}": [("destination", "post-load:ram0/memory-backend-memfd", 0, 2_000_000)] for i in (20, 21, 22)}
+    spans.update({f"t{i}": [("destination", "post-load:ram0/memory-backend-memfd", 0, 100)] for i in (30, 31, 32)})
+    steps = order_phases(df, timelines(spans))
+    assert steps.iloc[0]["early − at switchover"] == 100 - 2_000_000
