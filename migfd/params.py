@@ -46,6 +46,11 @@ class MigrationParameters:
     x_fds_per_message: int = MAX_FDS_PER_MESSAGE
     #: bound on every blocking read or write of the migration channel, in ms
     x_channel_timeout_ms: int = 30_000
+    #: with backend-transfer, the fds travel (and the destination validates and
+    #: adopts them) during setup, before the guest stops, as cpr-transfer orders
+    #: it; the switchover then carries only the state beside them. migfd only:
+    #: QEMU's destination does not know the early sections
+    x_early_fds: bool = False
 
     def to_qmp(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -79,14 +84,17 @@ class MigrationParameters:
     def capabilities(self) -> tuple[str, ...]:
         """Capabilities the configuration section lists, so a peer can check them.
 
-        A source that sends no fds, or one per message, lists no
+        Without backend-transfer no fd moves: nothing to agree on. A source
+        that sends one fd a message, or 16 at most, lists no
         x-fds-per-message: its stream stays readable by QEMU.
         """
-        caps = []
-        if self.backend_transfer:
-            caps.append("backend-transfer")
-            if self.x_batch_fds and self.large_fd_batches:
-                caps.append(FDS_PER_MESSAGE_CAPABILITY)
+        if not self.backend_transfer:
+            return ()
+        caps = ["backend-transfer"]
+        if self.x_early_fds:
+            caps.append("x-early-fds")
+        if self.x_batch_fds and self.large_fd_batches:
+            caps.append(FDS_PER_MESSAGE_CAPABILITY)
         return tuple(caps)
 
 
@@ -94,7 +102,7 @@ class MigrationParameters:
 _RANGES = {"x_fds_per_message": (1, SCM_MAX_FD)}
 
 #: Capabilities whose setting must agree on both sides.
-VALIDATED_CAPABILITIES = ("backend-transfer",)
+VALIDATED_CAPABILITIES = ("backend-transfer", "x-early-fds")
 #: Listed by a source whose fd messages may carry more than QEMU's 16 fds; a
 #: destination takes it only with its own x-fds-per-message above 16 (one way:
 #: a destination that allows large batches reads small ones as well).

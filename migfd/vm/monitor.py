@@ -22,7 +22,7 @@ from migfd.vm.machine import VM
 #: QEMU's words when a migration is running and a change would alter it
 MIGRATION_IN_PROGRESS = "There's a migration process in progress"
 #: parameters that shape the stream: fixed once a stream has started
-STREAM_SHAPING = ("backend_transfer", "x_batch_fds", "x_fds_per_message")
+STREAM_SHAPING = ("backend_transfer", "x_batch_fds", "x_early_fds", "x_fds_per_message")
 #: the migration capabilities migfd knows (QEMU's MigrationCapability names)
 CAPABILITIES = ("events", "backend-transfer")
 

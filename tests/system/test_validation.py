@@ -10,7 +10,7 @@ import pytest
 
 from helpers import needs_tap, proc_fds, run_vm_test, wait_until
 from migfd.channel import SCM_MAX_FD, QEMUFile
-from migfd.devices.chardev import adopt_socket_fd
+from migfd.devices.chardev import ChardevSocket, adopt_socket_fd
 from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd
 from migfd.devices.tap import validate_tap_fds
 from migfd.fds import close_fds
@@ -269,5 +269,46 @@ def test_a_bad_device_description_after_eof_does_not_fail_a_valid_state(vms, thr
         finally:
             f.close()
             os.close(ram)
+
+    run_vm_test(vms, body)
+
+
+def test_an_early_fds_destination_refuses_a_device_whose_fds_never_came(vms, thread_accel):
+    """x-early-fds: a chardev section (the source is played by the test) that came neither early
+    with its fds nor with them at the switchover. The destination must fail, not listen on the
+    path by itself, which the source's chardev holds."""
+    path = vms.path("ch0.sock")
+
+    async def body():
+        dst = await vms.start("dst", incoming="defer",
+                              chardevs=(f"socket,id=ch0,path={path},server=on,backend-transfer=on",))
+        params = MigrationParameters(backend_transfer=True, x_early_fds=True)
+        await dst.execute("migrate-set-parameters", {"backend-transfer": True, "x-early-fds": True})
+        mig = vms.path("mig.sock")
+        await dst.execute("migrate-incoming", {"uri": f"unix:{mig}"})
+        await wait_until(lambda: os.path.exists(mig), what="destination listening")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(mig)
+        f = QEMUFile.from_socket(sock, "fake-source")
+        try:
+            w = StreamWriter(f)
+            w.write_header()
+            w.write_configuration("migfd-pc", params.capabilities())
+            w.write_open_return_path()
+            w.write_switchover_start()
+            dev = ChardevSocket("ch0", path, backend_transfer=True)
+            w.write_section_full(dev.section_name, 0, dev.vmsd, {
+                "path": path.encode(), "connected": False, "lines_echoed": 0, "pending": b"",
+                "listener_fd": None, "client_fd": None})
+            w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD, {"stop_ns": 1, "running": True})
+            w.write_ping(7)
+            f.flush()
+            info = await dst.wait_migration(30)
+            assert info["status"] == "failed"
+            assert info["error-desc"] == ("section 'ch0/chardev-socket': no fds arrived, neither early "
+                                          "nor at the switchover")
+            assert not os.path.exists(path), "the destination listens on the source's chardev path"
+        finally:
+            f.close()
 
     run_vm_test(vms, body)

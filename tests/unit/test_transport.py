@@ -547,3 +547,17 @@ def test_check_capabilities_large_fd_batches_need_the_destinations_consent():
 def test_check_capabilities_unknown():
     with pytest.raises(MigrationError, match="Capability 'x-colo' of the source is unknown"):
         check_capabilities(ON, ("backend-transfer", "x-colo"))
+
+
+def test_early_fds_is_a_capability_both_sides_must_share():
+    early = MigrationParameters(backend_transfer=True, x_early_fds=True)
+    assert early.capabilities() == ("backend-transfer", "x-early-fds")
+    # without backend-transfer no fd moves, early or not: nothing to agree on
+    assert MigrationParameters(x_early_fds=True).capabilities() == ()
+    check_capabilities(early, early.capabilities())
+    with pytest.raises(MigrationError) as info:
+        check_capabilities(ON, early.capabilities())
+    assert str(info.value) == "Capability 'x-early-fds' is on on the source but off on the destination"
+    with pytest.raises(MigrationError) as info:
+        check_capabilities(early, ON.capabilities())
+    assert str(info.value) == "Capability 'x-early-fds' is off on the source but on on the destination"
