@@ -9,10 +9,11 @@ import socket
 import pytest
 
 from helpers import needs_tap, proc_fds, run_vm_test, wait_until
-from migfd.channel import QEMUFile
+from migfd.channel import SCM_MAX_FD, QEMUFile
 from migfd.devices.chardev import ChardevSocket, adopt_socket_fd
 from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd
 from migfd.devices.tap import validate_tap_fds
+from migfd.fds import close_fds
 from migfd.errors import MigrationError
 from migfd.migration import MIGRATION_SECTION, MIGRATION_VMSD
 from migfd.migration.base import read_rp
@@ -201,6 +202,44 @@ def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms, thr
             f.close()
             os.close(r)
             os.close(w)
+
+    run_vm_test(vms, body)
+
+
+def test_large_fd_batches_to_a_destination_that_takes_16_fail_and_every_fd_is_closed(vms, thread_accel):
+    """A source (played by the test) lists x-fds-per-message and sends 253 fds in the message that
+    carries its configuration, so that they reach the destination with it; the destination, at
+    QEMU's 16, refuses at the configuration and closes every one of them. The test's own fd table
+    ends as it began.
+    """
+    async def body():
+        dst, f = await _fake_source(vms)
+        mine = len(os.listdir("/proc/self/fd")) - 1  # the source's socket closes below
+        before = proc_fds(dst.pid)
+        sent = [os.memfd_create("large-batch") for _ in range(SCM_MAX_FD)]
+        try:
+            f.fds_per_message = SCM_MAX_FD
+            writer = StreamWriter(f)
+            writer.write_header()
+            writer.write_configuration("migfd-pc", ("backend-transfer", "x-fds-per-message"))
+            for fd in sent:
+                f.put_fd(fd)
+            f.flush()
+            assert (f.fd_messages, f.fds_sent) == (1, SCM_MAX_FD)
+            info = await dst.wait_migration(30)
+            assert info["status"] == "failed"
+            assert info["error-desc"] == ("Capability 'x-fds-per-message' is on on the source (more than 16 "
+                                          "fds in one message) but off on the destination (x-fds-per-message 16)")
+            assert not [link for link in before if "large-batch" in link]
+            await wait_until(lambda: not [link for link in proc_fds(dst.pid) if "large-batch" in link],
+                             what="destination closing the fds it received")
+            assert len(proc_fds(dst.pid)) <= len(before)
+            assert (await dst.execute("query-status"))["status"] == "inmigrate"
+        finally:
+            f.close()
+            close_fds(sent)
+        # fd numbers of the QMP client may change meanwhile, not how many there are
+        assert len(os.listdir("/proc/self/fd")) == mine
 
     run_vm_test(vms, body)
 
