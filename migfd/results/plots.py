@@ -253,7 +253,8 @@ def _fd_count_panel(ax, df: pd.DataFrame, metadata: dict | None, mode: str | Non
     if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
         _no_data(ax, why_absent(df, metadata, "fd-count", "successful trials"))
         return False
-    styles = {"batched": ("o", False), "unbatched": ("s", True), "early-fds": ("D", False)}
+    styles = {"batched": ("o", False), "unbatched": ("s", True), "early-fds": ("D", False),
+              "batched-253": ("v", False)}
     shades = {"batched": 1.0, "unbatched": 0.6}
     for (m, variant), g in rows.groupby(["mode", "variant"], dropna=False):
         pts = summarize(g)
