@@ -231,8 +231,9 @@ def _target_copy_vs_fd(df, meta):
 
 
 def _target_frames(df, meta):
-    # Every trial counts, failed ones too: frames lost in a trial that failed are still lost.
-    rows = select(df, "tap-traffic", "fd-passing", ok=None)
+    # Every trial counts, failed ones too: frames lost in a trial that failed are still lost;
+    # and fd-order's, in both orders of the fds.
+    rows = pd.concat([select(df, s, "fd-passing", ok=None) for s in ("tap-traffic", "fd-order")])
     counted = rows[rows["frames_sent"].notna()]
     if counted.empty:
         return _not_measured("zero-frames-lost",
@@ -319,9 +320,11 @@ FULL_VM = "ram+tap+chardev"
 
 
 def _fd_passing_of(df: pd.DataFrame, backend: str) -> pd.DataFrame:
-    """Successful fd-passing migrations (any scenario but the floors) of a VM with ``backend``."""
+    """Successful fd-passing migrations of a VM with ``backend`` in migfd's default configuration:
+    not the floors, nor fd-order (whose trials change the order of the fds and the RAM size)."""
     ok = df["ok"].fillna(False).astype(bool)
-    return df[(df["mode"] == "fd-passing") & (df["scenario"] != "limits") & ok & (df["backend"] == backend)]
+    return df[(df["mode"] == "fd-passing") & ~df["scenario"].isin(("limits", "fd-order")) & ok
+              & (df["backend"] == backend)]
 
 
 def _cpr_rows(df: pd.DataFrame, ram_bytes: float) -> tuple[pd.DataFrame, str]:

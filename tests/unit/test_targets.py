@@ -452,3 +452,17 @@ def test_target_moonshot_halves_qemus_cpr_transfer_outage(qemu_ms, expected):
     assert verdict(table(fast + cpr_rows([qemu_ms] * 3)), "moonshot")["measured"] == pytest.approx(2 / qemu_ms)
     # QEMU 7.2 has no cpr-transfer; a run without the observer has no outage
     assert verdict(table(fd + cpr_rows([4, 4], version="7.2.22")), "moonshot")["verdict"] == "not-measured"
+
+
+def test_fd_order_trials_count_their_frames_but_not_in_the_default_configurations_figures():
+    """fd-order changes the order of the fds and the RAM size: its downtimes stay out of the
+    handover target (tap-traffic's, the default order); a frame it lost is lost all the same."""
+    rows = traffic_rows([0, 0, 0], [0, 0, 0])  # fd-passing downtime 1 ms
+    rows += [floor_row("handover-floor", backend="ram+tap+chardev", n_fds=3, total_ns=200 * US)] * 2
+    slow = [dict(r, scenario="fd-order", variant="early-fds", downtime_ns=50 * MS, ram_bytes=1 << 30)
+            for r in traffic_rows([0, 0, 0], [0, 0, 0])]
+    t = verdict(table(rows + slow), "handover-floor")
+    assert t["measured"] == pytest.approx(5) and t["verdict"] == "pass"
+    slow[0]["frames_lost"] = 3
+    t = verdict(table(rows + slow), "zero-frames-lost")
+    assert t["verdict"] == "fail" and t["measured"] == 3
