@@ -374,3 +374,40 @@ def test_a_spinning_vcpu_reports_its_thread_and_kvm_counters_without_stopping(vm
         assert second["kvm-stats"]["pf_fixed"] > stats["pf_fixed"]
 
     run_vm_test(vms, body)
+
+
+@needs_kvm
+def test_a_cpu_section_in_the_guests_mode_loads_without_setting_the_special_registers(monkeypatch):
+    """A vCPU is put in the guest's mode when it is made; a cpu section saved from such a guest
+    (which cannot leave that mode at CPL 3) then loads with its general registers and TSC alone,
+    one ioctl of about 100 µs fewer inside the downtime. A section in another mode sets them."""
+    ram, dst_ram = MemoryBackendMemfd("ram0", 4 << 20), MemoryBackendMemfd("ram0", 4 << 20)
+    ram.open_backend()
+    dst_ram.open_backend()
+    source = KvmAccelerator(GuestConfig(duty=0.5))
+    destination = KvmAccelerator(GuestConfig())
+    ctl = RunControl()
+    try:
+        cpu = source.attach([ram])[0]
+        source.setup_firmware()
+        source.start(ctl)
+        ctl.resume()
+        _wait(lambda: source.info()["vcpus"][0]["progress"] > 0, "the guest running")
+        ctl.pause()
+        state = cpu.save_state(handover=False)
+        target = destination.attach([dst_ram])[0]
+        calls = []
+        vcpu = destination.vcpus[0].vcpu
+        original = vcpu.set_sregs
+        monkeypatch.setattr(vcpu, "set_sregs", lambda sregs: (calls.append(bytes(sregs)), original(sregs)))
+        target.load_state(state, ())
+        assert calls == [], "the special registers were set again though the mode is the same"
+        other = dict(state, cr4=state["cr4"] ^ (1 << 9))  # OSFXSR flipped: another mode
+        target.load_state(other, ())
+        assert len(calls) == 1
+    finally:
+        ctl.close()
+        source.close()
+        destination.close()
+        ram.close()
+        dst_ram.close()
