@@ -21,6 +21,10 @@ from migfd.errors import MigrationError
 from migfd.fds import MAX_FDS_PER_MESSAGE, SCM_MAX_FD
 from migfd.units import MiB
 
+#: SCHED_FIFO priority of a migration thread inside the switchover with
+#: x-switchover-realtime: below the observers' (migfd.peers.observe, 10), which
+#: must see the guest whatever the migration does
+SWITCHOVER_RT_PRIORITY = 5
 #: QEMU's defaults: 300 ms downtime-limit, 128 MiB/s max-bandwidth.
 DEFAULT_DOWNTIME_LIMIT_MS = 300
 DEFAULT_MAX_BANDWIDTH = 128 * MiB
@@ -46,6 +50,9 @@ class MigrationParameters:
     x_fds_per_message: int = MAX_FDS_PER_MESSAGE
     #: bound on every blocking read or write of the migration channel, in ms
     x_channel_timeout_ms: int = 30_000
+    #: the migration thread runs under SCHED_FIFO (at SWITCHOVER_RT_PRIORITY, below the
+    #: outside observers') from the stop to the resume on each side, where allowed
+    x_switchover_realtime: bool = False
     #: with backend-transfer, the fds travel (and the destination validates and
     #: adopts them) during setup, before the guest stops, as cpr-transfer orders
     #: it; the switchover then carries only the state beside them. migfd only:

@@ -59,6 +59,14 @@ def idle_priority() -> None:
         pass
 
 
+def normal_priority() -> None:
+    """Put the calling thread back under SCHED_OTHER (any thread may lower its own priority)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
+
+
 def realtime(priority: int) -> bool:
     """Put the calling thread under SCHED_FIFO at ``priority``; False where that is not allowed."""
     try:

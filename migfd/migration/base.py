@@ -16,8 +16,9 @@ from typing import Any, Callable, Protocol
 from migfd.channel import QEMUFile
 from migfd.devices.base import Device
 from migfd.devices.memfd import PAGE, MemoryBackendMemfd
-from migfd.params import MigrationParameters
+from migfd.params import SWITCHOVER_RT_PRIORITY, MigrationParameters
 from migfd.stream import Bool, UInt64, VMStateDescription, compile_vmsd
+from migfd.threads import normal_priority, realtime
 from migfd.timeline import Timeline
 
 #: migfd's own section: when the source stopped the guest (CLOCK_MONOTONIC ns).
@@ -75,6 +76,8 @@ class MigrationStats:
     release_ns: int = 0
     #: connections to the incoming socket refused because of their peer's uid
     refused_connections: int = 0
+    #: x-switchover-realtime: whether this side's thread got SCHED_FIFO for the switchover
+    switchover_realtime: bool | None = None
     error: str | None = None
 
     @property
@@ -113,6 +116,8 @@ class MigrationStats:
         out["x-committed"] = self.committed
         if self.refused_connections:
             out["x-refused-connections"] = self.refused_connections
+        if self.switchover_realtime is not None:
+            out["x-switchover-realtime"] = self.switchover_realtime
         out["x-total-time-ns"] = now - self.start_ns
         if self.setup_done_ns:
             out["x-setup-time-ns"] = self.setup_done_ns - self.start_ns
@@ -195,6 +200,21 @@ class MigrationBase:
     @property
     def timeout_s(self) -> float:
         return self.params.x_channel_timeout_ms / 1000
+
+    def switchover_priority(self, on: bool) -> None:
+        """x-switchover-realtime: this thread under SCHED_FIFO (``on``) or back to SCHED_OTHER.
+
+        Inside the switchover nothing of this VM but its migration thread has
+        work, yet other processes on the same cores (a benchmark's traffic, the
+        other VM's threads) may be scheduled first; at real-time priority the
+        migration thread is not, except by the outside observers (higher still).
+        """
+        if not self.params.x_switchover_realtime:
+            return
+        if on:
+            self.stats.switchover_realtime = realtime(SWITCHOVER_RT_PRIORITY)
+        elif self.stats.switchover_realtime:
+            normal_priority()
 
     def ram_devices(self) -> list[MemoryBackendMemfd]:
         return [d for d in self.vm.devices if isinstance(d, MemoryBackendMemfd)]

@@ -173,6 +173,7 @@ class IncomingMigration(MigrationBase):
                 self._resume()
             self.set_status(MigrationStatus.COMPLETED)
         except Exception as exc:
+            self.switchover_priority(False)
             self._fail(exc)
         finally:
             self.vm.release_events()
@@ -300,6 +301,7 @@ class IncomingMigration(MigrationBase):
                 self.return_path = True
             elif event.command == Command.SWITCHOVER_START:
                 self._switchover = True
+                self.switchover_priority(True)
                 self.timeline.add("switchover-start", parsed_ns)
                 self.vm.hold_events()  # until the guest runs and the source knows it
             elif event.command == Command.PING and not self._states:
@@ -389,6 +391,7 @@ class IncomingMigration(MigrationBase):
                                                 before_run=lambda: self.hook("dest-resume"))
         # "resume" ends where the downtime does; letting the guest run ("vm-start", as
         # QEMU's checkpoint names it) is after it, and the observer sees what it costs.
+        self.switchover_priority(False)  # before the reports: the guest's threads come first now
         self.timeline.add("resume", start, self.stats.resume_ns)
         self.timeline.add("vm-start", self.stats.resume_ns, time.monotonic_ns())
         with self.timeline.phase("resumed-report"):

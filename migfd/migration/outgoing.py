@@ -95,6 +95,7 @@ class OutgoingMigration(MigrationBase):
             self._precopy()
             self._complete()
         except Exception as exc:  # every failure ends in _rollback, whatever it was
+            self.switchover_priority(False)
             self._rollback(exc)
         finally:
             self.vm.release_events()
@@ -250,6 +251,7 @@ class OutgoingMigration(MigrationBase):
         assert f is not None
         self.was_running = self.vm.running
         self.vm.hold_events()  # until the destination runs (or the source resumes)
+        self.switchover_priority(True)
         if self.was_running:
             self.stats.stop_ns = self.vm.vm_stop("finish-migrate")
             self.stopped_here = True
@@ -309,6 +311,7 @@ class OutgoingMigration(MigrationBase):
             w.write_eof()
             w.write_vmdesc(vmdesc)
             f.flush()
+        self.switchover_priority(False)  # all this side does inside the downtime is done
         self._account(f)
         if self.return_path:
             with chain.phase("wait-resumed"):

@@ -627,3 +627,55 @@ def test_after_the_commit_point_the_source_never_resumes(vms):
             fake.close()
 
     run_vm_test(vms, body)
+
+
+def _policy_of(pid: int, comm_prefix: str) -> tuple[int, int] | None:
+    """(scheduling policy, real-time priority) of the thread of ``pid`` whose name starts with
+    ``comm_prefix`` (fields 41 and 40 of /proc/PID/task/TID/stat), or None if it has none."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if not f.read().startswith(comm_prefix):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        return int(fields[38]), int(fields[37])  # fields 41 and 40, counted from after the name
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root (CAP_SYS_NICE)")
+def test_switchover_realtime_holds_each_migration_thread_under_sched_fifo_inside_the_switchover(vms):
+    """x-switchover-realtime: held at the source's device phase and at the destination's
+    acknowledgement, each side's migration thread runs under SCHED_FIFO at priority 5 (below the
+    observers' 10); both say so in query-migrate."""
+    objects = (ram_opt(True, 16),)
+
+    async def body():
+        src = await vms.start("src", objects=objects)
+        dst = await vms.start("dst", objects=objects, incoming="defer")
+        params = {"backend-transfer": True, "x-switchover-realtime": True}
+        for vm in (src, dst):
+            await vm.execute("migrate-set-parameters", params)
+        await dst.execute("migrate-incoming", {"uri": f"unix:{vms.path('mig.sock')}"})
+        await src.execute("x-migration-fault", {"phase": "device", "action": "pause"})
+        await dst.execute("x-migration-fault", {"phase": "dest-loaded", "action": "pause"})
+        await src.execute("migrate", {"uri": f"unix:{vms.path('mig.sock')}"})
+        await wait_until(lambda: _fault_paused(src, "device"), what="source held at its device phase")
+        assert _policy_of(src.pid, "migration-outg") == (os.SCHED_FIFO, 5)
+        await src.execute("x-migration-continue")
+        await wait_until(lambda: _fault_paused(dst, "dest-loaded"), what="destination held before its PONG")
+        assert _policy_of(dst.pid, "migration-inco") == (os.SCHED_FIFO, 5)
+        await dst.execute("x-migration-continue")
+        source = await src.wait_migration(30)
+        destination = await dst.wait_migration(30)
+        assert source["status"] == destination["status"] == "completed"
+        assert source["x-switchover-realtime"] is True and destination["x-switchover-realtime"] is True
+        assert (await status(dst)) == "running"
+
+    run_vm_test(vms, body)
+
+
+async def _fault_paused(vm, phase: str) -> bool:
+    return (await vm.execute("x-query-fault"))["paused-at"] == phase
