@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -486,16 +486,21 @@ def _target_moonshot(df, meta):
 OUTAGE_SCENARIOS = ("ram-size", "tap-traffic", "chardev")
 
 
-def _target_unbatched(df, meta):
+def _unbatched_pairs(df: pd.DataFrame) -> Iterator[tuple[str, float, pd.DataFrame, pd.DataFrame]]:
+    """Per fd-count backend: the most fds measured both ways, and the batched and unbatched rows there."""
     rows = select(df, "fd-count", "fd-passing")
-    points = []
     for backend, g in rows.groupby("backend", dropna=False):
         batched, unbatched = g[g["variant"] == "batched"], g[g["variant"] == "unbatched"]
         common = sorted(set(batched["n_fds"].dropna()) & set(unbatched["n_fds"].dropna()))
-        if not common:
-            continue
-        n = common[-1]
-        b, u = batched[batched["n_fds"] == n], unbatched[unbatched["n_fds"] == n]
+        if common:
+            n = common[-1]
+            yield backend, n, batched[batched["n_fds"] == n], unbatched[unbatched["n_fds"] == n]
+
+
+def _target_unbatched(df, meta):
+    rows = select(df, "fd-count", "fd-passing")
+    points = []
+    for backend, n, b, u in _unbatched_pairs(df):
         ci = ratio_ci(_values(b), _values(u))
         points.append(Point(ci, f"{backend}, {int(n)} fds: unbatched {fmt_ns(median_of(u['downtime_ns']))} "
                                 f"({fmt_messages(u)}) vs batched {fmt_ns(median_of(b['downtime_ns']))} "
@@ -564,7 +569,12 @@ def slope_ratio_ci(groups: list[tuple[float, np.ndarray]], floor: list[tuple[flo
         with np.errstate(divide="ignore", invalid="ignore"):
             return num / den
 
-    samples = [v for _, v in groups] + [v for _, v in floor]
+    return _bootstrapped(statistic, [v for _, v in groups] + [v for _, v in floor])
+
+
+def _bootstrapped(statistic, samples: list[np.ndarray]) -> Interval:
+    """``statistic`` (vectorized, as :func:`~migfd.stats.bootstrap_ci` takes it) of ``samples``, with its
+    bootstrap interval; none from a sample of one trial."""
     value = float(statistic(*[np.asarray(s)[None, :] for s in samples])[0])
     n = min(len(s) for s in samples)
     if n < 2:
@@ -773,13 +783,7 @@ def slope_ci(groups: list[tuple[float, np.ndarray]]) -> Interval:
     def statistic(*samples, axis=-1):
         return _slope(xs, np.stack([np.median(s, axis=axis) for s in samples]))
 
-    samples = [v for _, v in groups]
-    value = float(statistic(*[np.asarray(v)[None, :] for v in samples])[0])
-    n = min(len(v) for v in samples)
-    if n < 2:
-        return Interval(value, math.nan, math.nan, n)
-    low, high = bootstrap_ci(samples, statistic)
-    return Interval(value, low, high, n)
+    return _bootstrapped(statistic, [v for _, v in groups])
 
 
 def _inverse(ci: Interval) -> Interval:
@@ -804,21 +808,14 @@ def _per_fd_floor_lines(df: pd.DataFrame, meta: dict | None) -> list[dict]:
 
 
 def _unbatched_floor_lines(df: pd.DataFrame, meta: dict | None) -> list[dict]:
-    rows = select(df, "fd-count", "fd-passing")
     out = []
-    for backend, g in rows.groupby("backend", dropna=False):
-        batched, unbatched = g[g["variant"] == "batched"], g[g["variant"] == "unbatched"]
-        common = sorted(set(batched["n_fds"].dropna()) & set(unbatched["n_fds"].dropna()))
-        if not common:
-            continue
-        n = common[-1]
+    for backend, n, batched, unbatched in _unbatched_pairs(df):
         for variant, migrations, how in (("fd-roundtrip-unbatched", unbatched, "unbatched"),
                                          ("fd-roundtrip", batched, "batched")):
             floor = select(df, "limits", variant=variant)
             out.append(_medians_line("unbatched-linear", f"{variant} ({int(n)} fds)", False,
                                      f"fd-passing downtime, {backend}, {int(n)} fds {how}",
-                                     _values(floor[floor["n_fds"] == n], "total_ns"),
-                                     _values(migrations[migrations["n_fds"] == n]),
+                                     _values(floor[floor["n_fds"] == n], "total_ns"), _values(migrations),
                                      why_absent(df, meta, "limits", f"{variant} floor at {int(n)} fds")))
     return out
 
