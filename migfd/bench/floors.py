@@ -378,23 +378,26 @@ class TapLoad:
     def __init__(self, tap: FloorTap, rate_per_s: float) -> None:
         self.tap = tap
         self.report: dict | None = None
+        self.stderr_tail = ""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "migfd.bench.floors", "--probe", tap.ifname, "--netns", tap.netns,
              "--rate", str(rate_per_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         ready = self.proc.stdout.readline()
         if ready != _READY + b"\n":
             self.stop()
-            raise RuntimeError(f"the load probe did not start (said {ready!r}, exit status {self.proc.returncode})")
+            raise RuntimeError(f"the load probe did not start (exit status {self.proc.returncode}: "
+                               f"{self.stderr_tail or 'no error text'})")
 
     def stop(self) -> dict:
         """Stop the probe (once); what it reported: ``frames_sent``, ``send_errors``."""
         if self.proc.returncode is None:
             try:
-                out, _ = self.proc.communicate(timeout=30)
+                out, err = self.proc.communicate(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                out, _ = self.proc.communicate()
+                out, err = self.proc.communicate()
+            self.stderr_tail = (err.decode(errors="replace").strip().splitlines() or [""])[-1]
             try:
                 self.report = json.loads(out.decode().strip().splitlines()[-1])
             except (ValueError, IndexError):
@@ -520,6 +523,20 @@ def _handover_fields(profile: HandoverProfile) -> dict:
             "fds_passed": profile.n_fds, "fd_messages": -(-profile.n_fds // MAX_FDS_PER_MESSAGE), "unit": "ns"}
 
 
+def _loaded_handover(peer: Peer, state: bytes, fds: list[int], cfg: FloorConfig) -> dict:
+    """The loaded handover floor's figures, or its failure (``ok`` False, ``error``): the probe
+    is beside the floors, a probe that cannot run must not cost the trial its other rows."""
+    assert cfg.tap is not None
+    try:
+        with TapLoad(cfg.tap, cfg.load_frame_rate_per_s) as load:
+            switchovers = handover(peer, state, fds, cfg.roundtrip_reps)
+    except (OSError, RuntimeError) as exc:
+        return {"ok": False, "error": f"loaded handover floor: {exc}"}
+    elapsed = _median([s.total_ns for s in switchovers])
+    return {"total_ns": elapsed, "downtime_ns": elapsed, "value": elapsed,
+            "frames_sent": load.stop().get("frames_sent")}
+
+
 def floor_rows(trial: int, cfg: FloorConfig, profile: HandoverProfile | None) -> Iterator[dict]:
     """One trial of every floor; yields rows (``scenario``/``mode``/``trial`` filled by the caller)."""
     queue_kind = "tap" if cfg.tap is not None and cfg.tap.queues >= max(cfg.fd_counts) else "socket"
@@ -549,20 +566,15 @@ def floor_rows(trial: int, cfg: FloorConfig, profile: HandoverProfile | None) ->
                 fds = backends.whole_vm(profile.n_fds, cfg.tap)
                 state = os.urandom(profile.device_state_bytes)
                 idle = handover(peer, state, fds, cfg.roundtrip_reps)
-                loaded: list[Switchover] = []
-                frames = None
+                loaded: dict | None = None
                 if cfg.tap is not None and cfg.load_frame_rate_per_s > 0:
-                    with TapLoad(cfg.tap, cfg.load_frame_rate_per_s) as load:
-                        loaded = handover(peer, state, fds, cfg.roundtrip_reps)
-                    frames = load.stop().get("frames_sent")
+                    loaded = _loaded_handover(peer, state, fds, cfg)
             for variant, elapsed in (("handover-floor", _median([s.total_ns for s in idle])),
                                      ("handover-oneway", _median([s.oneway_ns for s in idle])),
                                      ("commit-roundtrip", _median([s.commit_ns for s in idle]))):
                 yield {"variant": variant, **fields, "total_ns": elapsed, "downtime_ns": elapsed, "value": elapsed}
-            if loaded:
-                elapsed = _median([s.total_ns for s in loaded])
-                yield {"variant": "handover-floor-loaded", **fields, "total_ns": elapsed, "downtime_ns": elapsed,
-                       "value": elapsed, "frames_sent": frames}
+            if loaded is not None:
+                yield {"variant": "handover-floor-loaded", **fields, **loaded}
     elapsed = _median(memcpy(cfg.memcpy_bytes, cfg.memcpy_reps))
     yield {"variant": "memcpy", "backend": "ram", "ram_bytes": cfg.memcpy_bytes, "total_ns": elapsed,
            "value": cfg.memcpy_bytes / elapsed * 1e9, "unit": "bytes/s"}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import proc_fds
 
+from migfd.bench import floors
 from migfd.bench.floors import (
     THROUGHPUT_REPS, BackendFds, FloorConfig, FloorTap, HandoverProfile, Peer, allocated_mapping,
     TapLoad, floor_rows, handover, ping, throughput_reps,
@@ -233,6 +234,19 @@ def proc_children() -> list[str]:
 
 
 def test_the_load_probe_that_cannot_start_says_so():
-    # no such TAP: the probe process fails before its first frame, and the floor says why
-    with pytest.raises(RuntimeError, match="load probe did not start"):
+    # no such namespace: the probe process fails before its first frame, and says why
+    with pytest.raises(RuntimeError, match="load probe did not start .*nosuchns"):
         TapLoad(FloorTap("nosuchtap0", "nosuchns", 1), 1000)
+
+
+@pytest.mark.parametrize("netns_tap", [4], indirect=True)
+def test_a_loaded_floor_that_cannot_run_fails_its_row_alone(netns_tap, monkeypatch):
+    # the TAP is there for the fds, but the probe cannot send on it (a namespace it cannot enter)
+    monkeypatch.setattr(floors, "TapLoad", lambda tap, rate: TapLoad(FloorTap(tap.ifname, "nosuchns", 1), rate))
+    cfg = FloorConfig(fd_counts=(1,), roundtrip_reps=2, throughput_sizes=(1 * MiB,), throughput_budget=1 * MiB,
+                      memcpy_bytes=1 * MiB, memcpy_reps=1, tap=FloorTap(netns_tap.ifname, netns_tap.netns, 4),
+                      load_frame_rate_per_s=1000)
+    by = {r["variant"]: r for r in floor_rows(0, cfg, HandoverProfile("ram+tap+chardev", 3, 300, "test"))}
+    loaded = by["handover-floor-loaded"]
+    assert loaded["ok"] is False and "load probe did not start" in loaded["error"] and "total_ns" not in loaded
+    assert by["handover-floor"]["total_ns"] > 0 and "memcpy" in by  # the trial's other floors are there
