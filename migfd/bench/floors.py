@@ -368,11 +368,12 @@ class TapLoad:
 
     The probe (:class:`~migfd.peers.frames.FrameProbe`, as tap-traffic runs
     it) sends numbered frames at ``rate_per_s`` into the TAP (its link up, as
-    a VM's TAP is); with no guest to echo them they queue in the TAP queue the
-    switchovers hand over, as they do while a tap-traffic VM is stopped. The probe runs in a process of its own, as it runs beside the
-    VMs in tap-traffic: in this one its threads would hold the GIL the floor's
-    timing loop needs, a load no migration sees. :meth:`stop` returns what
-    it sent.
+    a VM's TAP is); with no guest to echo them they queue in the TAP queue
+    the switchovers hand over, as they do while a tap-traffic VM is stopped.
+    The probe runs in a process of its own, as it runs beside the VMs in
+    tap-traffic: in this one its threads would hold the GIL the floor's
+    timing loop needs, a load no migration sees. :meth:`stop` returns what it
+    sent.
     """
 
     def __init__(self, tap: FloorTap, rate_per_s: float) -> None:
