@@ -34,6 +34,20 @@ tracked for its garbage collector, for instance).
     them; the destination's one-byte acknowledgement; the source's one-byte
     EOF. It ends when the child has read the EOF, on the child's
     CLOCK_MONOTONIC (one host, one clock): what a downtime spans.
+``handover-oneway``, ``commit-roundtrip``
+    The two parts of the same switchovers, apart: from the first sendmsg to
+    the child having received the last byte and fd (the one-way transfer of
+    the state and fds), and from then to the child having read the EOF (its
+    acknowledgement there, the EOF back: migfd's commit round trip), both on
+    the child's clock. Per switchover they add up to the handover floor.
+``handover-floor-loaded``
+    The handover floor again while tap-traffic's probe sends its frames
+    through the TAP whose queue is handed over (:class:`TapLoad`): the load
+    a tap-traffic migration's switchover runs under. It needs a TAP; it does
+    not judge a target, it is shown beside the idle one.
+``fd-roundtrip-unbatched``
+    ``fd-roundtrip`` at the most fds with one fd per sendmsg, as fd-count's
+    unbatched migrations send them.
 
 Each measurement repeats ``reps`` times; a row carries the median.
 """
@@ -42,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import json
 import mmap
 import os
 import socket
@@ -51,7 +66,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -59,6 +74,7 @@ from migfd.channel import MAX_FDS_PER_MESSAGE, SCM_MAX_FD
 from migfd.devices.memfd import MADV_POPULATE_WRITE
 from migfd.fds import close_fds
 from migfd.net.tun import open_tap_queues
+from migfd.peers.frames import FrameProbe
 from migfd.units import GiB, MiB
 
 #: command header: op (4 bytes), three unsigned 64-bit arguments
@@ -66,7 +82,8 @@ _CMD = struct.Struct("<4sQQQ")
 _ACK = b"A"
 _READY = b"R"
 _EOF = b"E"
-_TIME = struct.Struct(">Q")
+#: the child's CLOCK_MONOTONIC when it had every byte and fd of a switchover, and when it read the EOF
+_TIMES = struct.Struct(">QQ")
 _FD_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
 RECV_CHUNK = 1 * MiB
@@ -135,12 +152,13 @@ def child_main(fd: int) -> int:
                 fds = _recv_fds(sock, b, a)
                 sock.sendall(_ACK)
                 close_fds(fds)
-            elif op == b"HOVR":  # a switchover: state and fds, ACK, the EOF; then when it came
+            elif op == b"HOVR":  # a switchover: state and fds, ACK, the EOF; then when each part ended
                 fds = _recv_fds(sock, b, a)
+                received = time.monotonic_ns()
                 sock.sendall(_ACK)
                 _recv_exact_into(sock, memoryview(bytearray(1)))
                 at = time.monotonic_ns()
-                sock.sendall(_TIME.pack(at))
+                sock.sendall(_TIMES.pack(received, at))
                 close_fds(fds)
             elif op == b"BYTE":  # b: bytes into a fresh mapping, allocated before the clock
                 view = memoryview(buf)
@@ -238,12 +256,26 @@ def fd_roundtrip(peer: Peer, fds: list[int], reps: int, batch: int = MAX_FDS_PER
     return out
 
 
-def handover(peer: Peer, state: bytes, fds: list[int], reps: int) -> list[int]:
-    """Switchovers (ns): ``state`` and ``fds`` (batched as the channel does), the
+class Switchover(NamedTuple):
+    """One switchover of the handover floor, in ns from the first sendmsg, on the child's clock."""
+
+    #: until the child had received every byte and fd
+    oneway_ns: int
+    #: until the child had read the EOF
+    total_ns: int
+
+    @property
+    def commit_ns(self) -> int:
+        """The commit round trip: the child's acknowledgement there, the EOF back."""
+        return self.total_ns - self.oneway_ns
+
+
+def handover(peer: Peer, state: bytes, fds: list[int], reps: int) -> list[Switchover]:
+    """Switchovers: ``state`` and ``fds`` (batched as the channel does), the
     acknowledgement, the EOF; each ends when the child has read the EOF."""
     peer.command(b"HOVR", len(fds), len(state) + len(fds), reps)
     out = []
-    answer = bytearray(_TIME.size)
+    answer = bytearray(_TIMES.size)
     for _ in range(reps):
         t0 = time.monotonic_ns()
         if fds:
@@ -253,7 +285,8 @@ def handover(peer: Peer, state: bytes, fds: list[int], reps: int) -> list[int]:
         peer.wait_byte(_ACK)
         peer.sock.sendall(_EOF)
         _recv_exact_into(peer.sock, memoryview(answer))
-        out.append(_TIME.unpack(answer)[0] - t0)
+        received, at = _TIMES.unpack(answer)
+        out.append(Switchover(received - t0, at - t0))
         peer.wait_byte(_READY)
     return out
 
@@ -324,6 +357,77 @@ class FloorTap:
     ifname: str
     netns: str
     queues: int
+
+
+#: the longest a load probe sends: far beyond one trial's loaded switchovers, so it never stops early
+PROBE_MAX_S = 600.0
+
+
+class TapLoad:
+    """tap-traffic's probe traffic on a floor's TAP, from a process of its own (a context manager).
+
+    The probe (:class:`~migfd.peers.frames.FrameProbe`, as tap-traffic runs
+    it) sends numbered frames at ``rate_per_s`` into the TAP (its link up, as
+    a VM's TAP is); with no guest to echo them they queue in the TAP queue
+    the switchovers hand over, as they do while a tap-traffic VM is stopped.
+    The probe runs in a process of its own, as it runs beside the VMs in
+    tap-traffic: in this one its threads would hold the GIL the floor's
+    timing loop needs, a load no migration sees. :meth:`stop` returns what it
+    sent.
+    """
+
+    def __init__(self, tap: FloorTap, rate_per_s: float) -> None:
+        self.tap = tap
+        self.report: dict | None = None
+        self.stderr_tail = ""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "migfd.bench.floors", "--probe", tap.ifname, "--netns", tap.netns,
+             "--rate", str(rate_per_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ready = self.proc.stdout.readline()
+        if ready != _READY + b"\n":
+            self.stop()
+            raise RuntimeError(f"the load probe did not start (exit status {self.proc.returncode}: "
+                               f"{self.stderr_tail or 'no error text'})")
+
+    def stop(self) -> dict:
+        """Stop the probe (once); what it reported: ``frames_sent``, ``send_errors``."""
+        if self.proc.returncode is None:
+            try:
+                out, err = self.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                out, err = self.proc.communicate()
+            self.stderr_tail = (err.decode(errors="replace").strip().splitlines() or [""])[-1]
+            try:
+                self.report = json.loads(out.decode().strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                self.report = {}
+        return self.report or {}
+
+    def __enter__(self) -> "TapLoad":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def probe_main(ifname: str, netns: str, rate_per_s: float) -> int:
+    """The load probe's process: send until stdin closes, then say what was sent."""
+    probe = FrameProbe(ifname, netns=netns, rate_per_s=rate_per_s, max_duration_s=PROBE_MAX_S)
+    probe.start()
+    deadline = time.monotonic() + 10
+    while probe.frames_sent == 0:  # the parent's clock starts under load, not before it
+        if time.monotonic() > deadline:
+            print("the probe sent no frame in 10 s", file=sys.stderr)
+            return 1
+        time.sleep(0.0001)
+    sys.stdout.buffer.write(_READY + b"\n")
+    sys.stdout.flush()
+    sys.stdin.buffer.read()
+    report = probe.stop(drain_timeout_s=0)
+    print(json.dumps({"frames_sent": report.frames_sent, "send_errors": report.send_errors}), flush=True)
+    return 0
 
 
 class BackendFds:
@@ -408,6 +512,30 @@ class FloorConfig:
     memcpy_reps: int = 5
     #: where TAP queues come from (None: no TAP on this machine)
     tap: FloorTap | None = None
+    #: the probe's frame rate of the loaded handover floor (0: not measured; it needs ``tap``)
+    load_frame_rate_per_s: float = 0.0
+
+
+def _handover_fields(profile: HandoverProfile) -> dict:
+    """What every row of the handover floors says about what they hand over."""
+    return {"backend": profile.backend, "n_fds": profile.n_fds, "device_state_bytes": profile.device_state_bytes,
+            "ram_bytes": profile.device_state_bytes + profile.n_fds,
+            "bytes_sent": profile.device_state_bytes + profile.n_fds + 1,
+            "fds_passed": profile.n_fds, "fd_messages": -(-profile.n_fds // MAX_FDS_PER_MESSAGE), "unit": "ns"}
+
+
+def _loaded_handover(peer: Peer, state: bytes, fds: list[int], cfg: FloorConfig) -> dict:
+    """The loaded handover floor's figures, or its failure (``ok`` False, ``error``): the probe
+    is beside the floors, a probe that cannot run must not cost the trial its other rows."""
+    assert cfg.tap is not None
+    try:
+        with TapLoad(cfg.tap, cfg.load_frame_rate_per_s) as load:
+            switchovers = handover(peer, state, fds, cfg.roundtrip_reps)
+    except (OSError, RuntimeError) as exc:
+        return {"ok": False, "error": f"loaded handover floor: {exc}"}
+    elapsed = _median([s.total_ns for s in switchovers])
+    return {"total_ns": elapsed, "downtime_ns": elapsed, "value": elapsed,
+            "frames_sent": load.stop().get("frames_sent")}
 
 
 def floor_rows(trial: int, cfg: FloorConfig, profile: HandoverProfile | None) -> Iterator[dict]:
@@ -421,11 +549,11 @@ def floor_rows(trial: int, cfg: FloorConfig, profile: HandoverProfile | None) ->
                "total_ns": base, "value": base, "unit": "ns"}
         with BackendFds() as backends:
             fds = backends.queues(max(cfg.fd_counts), cfg.tap if queue_kind == "tap" else None)
-            for n in cfg.fd_counts:
-                rtt = _median(fd_roundtrip(peer, fds[:n], cfg.roundtrip_reps))
-                yield {"variant": "fd-roundtrip", "backend": queue_kind, "n_fds": n, "ram_bytes": n,
-                       "total_ns": rtt, "fds_passed": n,
-                       "fd_messages": -(-n // MAX_FDS_PER_MESSAGE),
+            for variant, n, batch in [("fd-roundtrip", n, MAX_FDS_PER_MESSAGE) for n in cfg.fd_counts] + [
+                    ("fd-roundtrip-unbatched", max(cfg.fd_counts), 1)]:
+                rtt = _median(fd_roundtrip(peer, fds[:n], cfg.roundtrip_reps, batch))
+                yield {"variant": variant, "backend": queue_kind, "n_fds": n, "ram_bytes": n,
+                       "total_ns": rtt, "fds_passed": n, "fd_messages": -(-n // batch),
                        "value": (rtt - base) / n, "unit": "ns/fd"}
         data = random_bytes(max(cfg.throughput_sizes))
         for size in cfg.throughput_sizes:
@@ -434,25 +562,35 @@ def floor_rows(trial: int, cfg: FloorConfig, profile: HandoverProfile | None) ->
                    "total_ns": elapsed, "bytes_sent": size, "value": size / elapsed * 1e9, "unit": "bytes/s"}
         del data
         if profile is not None:
+            fields = _handover_fields(profile)
             with BackendFds() as backends:
                 fds = backends.whole_vm(profile.n_fds, cfg.tap)
                 state = os.urandom(profile.device_state_bytes)
-                elapsed = _median(handover(peer, state, fds, cfg.roundtrip_reps))
-            yield {"variant": "handover-floor", "backend": profile.backend, "n_fds": profile.n_fds,
-                   "device_state_bytes": profile.device_state_bytes,
-                   "ram_bytes": profile.device_state_bytes + profile.n_fds,
-                   "bytes_sent": profile.device_state_bytes + profile.n_fds + 1,
-                   "fds_passed": profile.n_fds, "fd_messages": -(-profile.n_fds // MAX_FDS_PER_MESSAGE),
-                   "total_ns": elapsed, "downtime_ns": elapsed, "value": elapsed, "unit": "ns"}
+                idle = handover(peer, state, fds, cfg.roundtrip_reps)
+                loaded: dict | None = None
+                if cfg.tap is not None and cfg.load_frame_rate_per_s > 0:
+                    loaded = _loaded_handover(peer, state, fds, cfg)
+            for variant, elapsed in (("handover-floor", _median([s.total_ns for s in idle])),
+                                     ("handover-oneway", _median([s.oneway_ns for s in idle])),
+                                     ("commit-roundtrip", _median([s.commit_ns for s in idle]))):
+                yield {"variant": variant, **fields, "total_ns": elapsed, "downtime_ns": elapsed, "value": elapsed}
+            if loaded is not None:
+                yield {"variant": "handover-floor-loaded", **fields, **loaded}
     elapsed = _median(memcpy(cfg.memcpy_bytes, cfg.memcpy_reps))
     yield {"variant": "memcpy", "backend": "ram", "ram_bytes": cfg.memcpy_bytes, "total_ns": elapsed,
            "value": cfg.memcpy_bytes / elapsed * 1e9, "unit": "bytes/s"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="the floor measurements of migfd bench (child side)")
-    p.add_argument("--child", type=int, required=True, help="fd of the socket to the parent")
+    p = argparse.ArgumentParser(description="the floor measurements of migfd bench (child side, load probe)")
+    role = p.add_mutually_exclusive_group(required=True)
+    role.add_argument("--child", type=int, help="fd of the socket to the parent")
+    role.add_argument("--probe", metavar="IFNAME", help="send probe frames into this TAP until stdin closes")
+    p.add_argument("--netns", help="the probe's network namespace")
+    p.add_argument("--rate", type=float, default=20_000.0, help="the probe's frames a second")
     args = p.parse_args(argv)
+    if args.probe is not None:
+        return probe_main(args.probe, args.netns, args.rate)
     return child_main(args.child)
 
 

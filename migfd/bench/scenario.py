@@ -206,12 +206,15 @@ class TapScenario(Scenario):
             self.netns.close()
             self.netns = None
 
-    def new_tap(self, queues: int = 1) -> str:
-        """A persistent TAP (so a state copy finds it again by name); returns its name."""
+    def new_tap(self, queues: int = 1, up: bool = False) -> str:
+        """A persistent TAP (so a state copy finds it again by name); returns its name.
+
+        ``up`` sets its link up now (a VM's TAP device does it when the VM starts).
+        """
         assert self.netns is not None, "setup() first"
         self._taps_made += 1
         ifname = f"{self.tap_prefix}{self._taps_made}"
-        create_persistent_tap(self.netns, ifname, queues=queues, txqlen=TAP_TXQLEN)
+        create_persistent_tap(self.netns, ifname, queues=queues, txqlen=TAP_TXQLEN, up=up)
         return ifname
 
     def remove_tap(self, ifname: str | None) -> None:

@@ -401,9 +401,14 @@ def _inverted(test: RatioTest) -> RatioTest:
     return RatioTest(Interval(flip(i.value), flip(i.high), flip(i.low), i.n), test.p_value, test.log_se, test.df)
 
 
+#: Floors that say nothing more of the machine: parts of the handover floor's own switchovers (counted
+#: already in it) and the handover floor under tap-traffic's probe (the load's, not the machine's).
+NOT_THE_MACHINE = ("handover-oneway", "commit-roundtrip", "handover-floor-loaded")
+
+
 def _machine(rows: list[_Row]) -> Machine:
     floors = [r for r in rows if r.point["scenario"] == FLOORS and r.metric == "value"
-              and not math.isnan(r.test.log_se)]
+              and r.point.get("variant") not in NOT_THE_MACHINE and not math.isnan(r.test.log_se)]
     times = [r.test for r in floors if r.kind == TIME]
     rates = [r.test for r in floors if r.kind == RATE]
     return Machine(pooled_log_ratio(times + [_inverted(t) for t in rates]), pooled_log_ratio(times),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -39,10 +39,12 @@ from migfd.stats import (
     INCONCLUSIVE,
     NOT_MEASURED,
     PASS,
+    UNKNOWN,
     Interval,
     bootstrap_ci,
     clean,
     combine_verdicts,
+    median_ci,
     median_ci_any,
     ratio_ci,
     threshold_verdict,
@@ -288,18 +290,23 @@ def _target_throughput(df, meta):
                    + failures_note(df, "ram-size", "state-copy"), "state copy too slow")
 
 
-def _target_handover(df, meta):
-    floor_rows = select(df, "limits", variant="handover-floor")
-    if floor_rows.empty:
-        return _not_measured("handover-floor", why_absent(df, meta, "limits", "handover-floor measurement"))
+def _handover_pair(df: pd.DataFrame, variant: str = "handover-floor") -> tuple[pd.DataFrame, str, pd.DataFrame]:
+    """A handover floor's rows, the VM they stand for (its backend), and that VM's successful fd-passing migrations."""
+    floor_rows = select(df, "limits", variant=variant)
     backends = set(floor_rows["backend"]) - {""}
     want = next(iter(backends)) if len(backends) == 1 else FULL_VM
-    fd = _fd_passing_of(df, want)
+    floor = floor_rows[floor_rows["backend"] == want] if want in backends else floor_rows
+    return floor, want, _fd_passing_of(df, want)
+
+
+def _target_handover(df, meta):
+    floor, want, fd = _handover_pair(df)
+    if floor.empty:
+        return _not_measured("handover-floor", why_absent(df, meta, "limits", "handover-floor measurement"))
     if fd.empty:
         why = why_absent(df, meta, "tap-traffic", f"fd-passing trials of a VM with {want}")
         return _not_measured("handover-floor", why if "skipped" in why else
                              f"no successful fd-passing trial of a VM with {want}")
-    floor = floor_rows[floor_rows["backend"] == want] if want in backends else floor_rows
     ci = ratio_ci(_values(floor, "total_ns"), _values(fd))
     scen = ", ".join(sorted(set(fd["scenario"])))
     text = (f"{want} ({scen}): downtime {fmt_ns(median_of(fd['downtime_ns']))} vs floor "
@@ -482,16 +489,21 @@ def _target_moonshot(df, meta):
 OUTAGE_SCENARIOS = ("ram-size", "tap-traffic", "chardev")
 
 
-def _target_unbatched(df, meta):
+def _unbatched_pairs(df: pd.DataFrame) -> Iterator[tuple[str, float, pd.DataFrame, pd.DataFrame]]:
+    """Per fd-count backend: the most fds measured both ways, and the batched and unbatched rows there."""
     rows = select(df, "fd-count", "fd-passing")
-    points = []
     for backend, g in rows.groupby("backend", dropna=False):
         batched, unbatched = g[g["variant"] == "batched"], g[g["variant"] == "unbatched"]
         common = sorted(set(batched["n_fds"].dropna()) & set(unbatched["n_fds"].dropna()))
-        if not common:
-            continue
-        n = common[-1]
-        b, u = batched[batched["n_fds"] == n], unbatched[unbatched["n_fds"] == n]
+        if common:
+            n = common[-1]
+            yield backend, n, batched[batched["n_fds"] == n], unbatched[unbatched["n_fds"] == n]
+
+
+def _target_unbatched(df, meta):
+    rows = select(df, "fd-count", "fd-passing")
+    points = []
+    for backend, n, b, u in _unbatched_pairs(df):
         ci = ratio_ci(_values(b), _values(u))
         points.append(Point(ci, f"{backend}, {int(n)} fds: unbatched {fmt_ns(median_of(u['downtime_ns']))} "
                                 f"({fmt_messages(u)}) vs batched {fmt_ns(median_of(b['downtime_ns']))} "
@@ -560,7 +572,12 @@ def slope_ratio_ci(groups: list[tuple[float, np.ndarray]], floor: list[tuple[flo
         with np.errstate(divide="ignore", invalid="ignore"):
             return num / den
 
-    samples = [v for _, v in groups] + [v for _, v in floor]
+    return _bootstrapped(statistic, [v for _, v in groups] + [v for _, v in floor])
+
+
+def _bootstrapped(statistic, samples: list[np.ndarray]) -> Interval:
+    """``statistic`` (vectorized, as :func:`~migfd.stats.bootstrap_ci` takes it) of ``samples``, with its
+    bootstrap interval; none from a sample of one trial."""
     value = float(statistic(*[np.asarray(s)[None, :] for s in samples])[0])
     n = min(len(s) for s in samples)
     if n < 2:
@@ -578,17 +595,28 @@ def _by_n_fds(rows: pd.DataFrame, column: str) -> list[tuple[float, np.ndarray]]
     return out
 
 
-def _target_per_fd(df, meta):
+def _per_fd_floor(df: pd.DataFrame) -> list[tuple[float, np.ndarray]]:
+    """The batched fd round trips by fd count (one group: its per-fd ``value`` alone), for :func:`slope_ratio_ci`."""
     floor_rows = select(df, "limits", variant="fd-roundtrip")
     floor = _by_n_fds(floor_rows, "total_ns")
     if len(floor) < 2:
         floor = [(0.0, _values(floor_rows, "value"))] if len(floor_rows) else []
-    if not floor:
-        return _not_measured("per-fd-cost", why_absent(df, meta, "limits", "fd-roundtrip floor"))
+    return floor
+
+
+def _per_fd_migrations(df: pd.DataFrame) -> tuple[list[tuple[float, np.ndarray]], str]:
+    """fd-count's fd-passing downtimes by fd count (the batched ones where the run has them), and which."""
     rows = select(df, "fd-count", "fd-passing")
     batched = rows[rows["variant"] == "batched"]
     use, label = (batched, "batched") if not batched.empty else (rows, "all fd-passing")
-    groups = _by_n_fds(use, "downtime_ns")
+    return _by_n_fds(use, "downtime_ns"), label
+
+
+def _target_per_fd(df, meta):
+    floor = _per_fd_floor(df)
+    if not floor:
+        return _not_measured("per-fd-cost", why_absent(df, meta, "limits", "fd-roundtrip floor"))
+    groups, label = _per_fd_migrations(df)
     if len(groups) < 2:
         return _not_measured("per-fd-cost", why_absent(df, meta, "fd-count", "fd-passing trials at two fd counts")
                              if not groups else "fd-passing measured at one fd count only")
@@ -596,7 +624,7 @@ def _target_per_fd(df, meta):
     text = (f"{label}: slope of median downtime over {int(groups[0][0])}–{int(groups[-1][0])} fds against the "
             f"raw batched round trip's = {fmt_interval(ci)}")
     # shown, not judged: the default stays at QEMU's 16 fds a message
-    large = _by_n_fds(rows[rows["variant"] == "batched-253"], "downtime_ns")
+    large = _by_n_fds(select(df, "fd-count", "fd-passing", variant="batched-253"), "downtime_ns")
     if len(large) >= 2:
         text += f"; batched-253 (x-fds-per-message, migfd to migfd): {fmt_interval(slope_ratio_ci(large, floor))}"
     return _judged("per-fd-cost", [Point(ci, text)], failures_note(df, "fd-count", "fd-passing"),
@@ -681,4 +709,179 @@ def format_targets(table: pd.DataFrame):
                                    shown.pop("ci_high"))])
     return (shown.style.hide(axis="index")
             .map(lambda v: VERDICT_COLOURS.get(v, ""), subset=["verdict"])
+            .set_properties(**{"text-align": "left", "white-space": "normal"}))
+
+
+# --------------------------------------------------------------------------
+# The floors beside the targets (issue 18)
+# --------------------------------------------------------------------------
+
+#: A floor beside its row: wholly below the migrations it bounds (floor / migration < 1 on all of its
+#: interval), or flagged, or absent from the run.
+BELOW, NOT_BELOW = "below", "not below"
+FLOOR_FLAG_COLOURS = {BELOW: VERDICT_COLOURS[PASS], NOT_BELOW: VERDICT_COLOURS[FAIL],
+                      NOT_MEASURED: VERDICT_COLOURS[NOT_MEASURED]}
+
+FLOOR_COLUMNS = ["row", "floor", "judges", "migrations", "unit", "floor_value", "floor_value_low", "floor_value_high",
+                 "migration", "migration_low", "migration_high", "ratio", "ratio_low", "ratio_high", "flag", "why"]
+
+#: The handover floors and what each is, beside the downtime they bound; the first judges the row.
+HANDOVER_FLOORS = {"handover-floor": "idle",
+                   "handover-floor-loaded": "under tap-traffic's probe frames",
+                   "handover-oneway": "the state and fds one way, idle",
+                   "commit-roundtrip": "the acknowledgement and the EOF, idle"}
+#: The handover floors beside the outage: only whole switchovers bound what a guest's clients see.
+OUTAGE_FLOORS = ("handover-floor", "handover-floor-loaded")
+
+
+def _floor_line(row: str, floor: str, judges: bool, migrations: str, unit: str,
+                f: Interval, m: Interval, ratio: Interval, missing: str = "") -> dict:
+    """One line of the floors table; ``ratio`` is floor / migration, flagged unless wholly below 1."""
+    verdict = threshold_verdict(ratio, "<", 1)
+    if verdict == NOT_MEASURED:
+        flag, why = NOT_MEASURED, missing or "the run has no such floor"
+    elif verdict == PASS:
+        flag, why = BELOW, ""
+    else:
+        flag = NOT_BELOW
+        why = ("the floor is above the migrations it bounds" if verdict == FAIL else
+               f"the interval {fmt_interval(ratio)} reaches 1" if ratio.known else
+               f"too few trials for an interval (n={ratio.n})")
+    return {"row": row, "floor": floor, "judges": judges, "migrations": migrations, "unit": unit,
+            "floor_value": f.value, "floor_value_low": f.low, "floor_value_high": f.high,
+            "migration": m.value, "migration_low": m.low, "migration_high": m.high,
+            "ratio": ratio.value, "ratio_low": ratio.low, "ratio_high": ratio.high, "flag": flag, "why": why}
+
+
+def _medians_line(row: str, floor: str, judges: bool, migrations: str, floor_values: np.ndarray,
+                  migration_values: np.ndarray, missing: str = "") -> dict:
+    """A floor and migrations that are both times (ns), one value a trial."""
+    return _floor_line(row, floor, judges, migrations, "ns", median_ci(floor_values), median_ci(migration_values),
+                       ratio_ci(migration_values, floor_values), missing)
+
+
+def _handover_floor_lines(df: pd.DataFrame, meta: dict | None) -> list[dict]:
+    _, want, fd = _handover_pair(df)
+    if fd.empty:
+        return []
+    scen = ", ".join(sorted(set(fd["scenario"])))
+    load_note = ((meta or {}).get("scenarios") or {}).get("limits", {}).get("handover_load", "")
+    out = []
+    for key, column, variants in (("handover-floor", "downtime_ns", list(HANDOVER_FLOORS)),
+                                  ("below-cpr-transfer", "outage_ns", list(OUTAGE_FLOORS))):
+        migrations = fd[fd[column].notna()]
+        if migrations.empty:
+            continue
+        what = f"fd-passing {column.removesuffix('_ns')}, {want} ({scen})"
+        for variant in variants:
+            floor, _, _ = _handover_pair(df, variant)
+            missing = (load_note if variant == "handover-floor-loaded" and load_note.startswith("not measured")
+                       else why_absent(df, meta, "limits", f"{variant} measurement"))
+            out.append(_medians_line(key, f"{variant} ({HANDOVER_FLOORS[variant]})",
+                                     key == "handover-floor" and variant == "handover-floor", what,
+                                     _values(floor, "total_ns"), _values(migrations, column), missing))
+    return out
+
+
+def slope_ci(groups: list[tuple[float, np.ndarray]]) -> Interval:
+    """The least-squares slope of the medians of ``groups`` (x, trials) against x, with a bootstrap interval."""
+    xs = np.array([x for x, _ in groups], dtype=float)
+
+    def statistic(*samples, axis=-1):
+        return _slope(xs, np.stack([np.median(s, axis=axis) for s in samples]))
+
+    return _bootstrapped(statistic, [v for _, v in groups])
+
+
+def _inverse(ci: Interval) -> Interval:
+    """1 / a positive ratio; no bounds where its interval reaches 0 or below."""
+    known = ci.known and ci.low > 0
+    return Interval(1 / ci.value if ci.value else math.inf, 1 / ci.high if known else math.nan,
+                    1 / ci.low if known else math.nan, ci.n)
+
+
+def _per_fd_floor_lines(df: pd.DataFrame, meta: dict | None) -> list[dict]:
+    groups, label = _per_fd_migrations(df)
+    if len(groups) < 2:
+        return []
+    floor = _per_fd_floor(df)
+    what = f"slope of fd-count's {label} fd-passing downtime over {int(groups[0][0])}–{int(groups[-1][0])} fds"
+    if not floor:
+        return [_floor_line("per-fd-cost", "fd-roundtrip (slope, batched)", True, what, "ns/fd", UNKNOWN,
+                            slope_ci(groups), UNKNOWN, why_absent(df, meta, "limits", "fd-roundtrip floor"))]
+    f = slope_ci(floor) if len(floor) > 1 else median_ci(floor[0][1])
+    return [_floor_line("per-fd-cost", "fd-roundtrip (slope, batched)", True, what, "ns/fd", f, slope_ci(groups),
+                        _inverse(slope_ratio_ci(groups, floor)))]
+
+
+def _unbatched_floor_lines(df: pd.DataFrame, meta: dict | None) -> list[dict]:
+    out = []
+    for backend, n, batched, unbatched in _unbatched_pairs(df):
+        for variant, migrations, how in (("fd-roundtrip-unbatched", unbatched, "unbatched"),
+                                         ("fd-roundtrip", batched, "batched")):
+            floor = select(df, "limits", variant=variant)
+            out.append(_medians_line("unbatched-linear", f"{variant} ({int(n)} fds)", False,
+                                     f"fd-passing downtime, {backend}, {int(n)} fds {how}",
+                                     _values(floor[floor["n_fds"] == n], "total_ns"), _values(migrations),
+                                     why_absent(df, meta, "limits", f"{variant} floor at {int(n)} fds")))
+    return out
+
+
+def _copy_floor_lines(df: pd.DataFrame, meta: dict | None) -> list[dict]:
+    rows = select(df, "ram-size", "state-copy")
+    rows = rows[rows["live"] == False]  # noqa: E712 (nullable boolean)
+    floors = select(df, "limits", variant="unix-throughput")
+    out = []
+    for size in sorted(set(rows["ram_bytes"].dropna())):
+        floor = floors[floors["ram_bytes"] == size]
+        out.append(_medians_line("copy-throughput", f"unix-throughput ({fmt_bytes(size)}, as time)", True,
+                                 f"non-live state-copy downtime, {fmt_bytes(size)}",
+                                 _values(floor, "total_ns"), _values(rows[rows["ram_bytes"] == size]),
+                                 why_absent(df, meta, "limits", f"unix-throughput floor at {fmt_bytes(size)}")))
+    return out
+
+
+def floors_beside(df: pd.DataFrame, metadata: dict | None = None) -> pd.DataFrame:
+    """Each floor beside the rows of the targets table it bounds: its value, the migrations', and
+    floor / migration with their 95% intervals (:data:`FLOOR_COLUMNS`).
+
+    ``judges`` marks the floor a target is judged against; the others are shown
+    beside it (the handover floor under load, its one-way part and its commit
+    round trip). ``flag`` is ``below`` when the whole interval of floor /
+    migration is below 1, ``not below`` otherwise (a floor that does not bound
+    the migrations, or that this run cannot tell from them), ``not-measured``
+    when the run has no such floor. A row whose migrations the run did not
+    measure is left out (the targets table says why).
+    """
+    lines = (_handover_floor_lines(df, metadata) + _per_fd_floor_lines(df, metadata)
+             + _unbatched_floor_lines(df, metadata) + _copy_floor_lines(df, metadata))
+    return pd.DataFrame(lines, columns=FLOOR_COLUMNS)
+
+
+def _fmt_value(unit: str):
+    return (lambda v: f"{fmt_ns(v)}/fd") if unit == "ns/fd" else fmt_ns
+
+
+def format_floors(table: pd.DataFrame):
+    """The floors table for reading: values and ratios with their 95% intervals, flags coloured."""
+    def interval(row, prefix: str, fmt=None) -> str:
+        ci = Interval(row[prefix], row[f"{prefix}_low"], row[f"{prefix}_high"], 2)
+        if pd.isna(row[prefix]):
+            return "—"
+        if pd.isna(ci.low) or pd.isna(ci.high):
+            ci = Interval(ci.value, math.nan, math.nan, 1)
+        return fmt_interval(ci, fmt)
+
+    shown = pd.DataFrame({
+        "row": table["row"],
+        "floor": [f + (" — judges the row" if j else "") for f, j in zip(table["floor"], table["judges"])],
+        "floor [95% CI]": [interval(r, "floor_value", _fmt_value(r["unit"])) for _, r in table.iterrows()],
+        "migrations": table["migrations"],
+        "migration [95% CI]": [interval(r, "migration", _fmt_value(r["unit"])) for _, r in table.iterrows()],
+        "floor / migration [95% CI]": [interval(r, "ratio") for _, r in table.iterrows()],
+        "flag": table["flag"],
+        "why": table["why"],
+    })
+    return (shown.style.hide(axis="index")
+            .map(lambda v: FLOOR_FLAG_COLOURS.get(v, ""), subset=["flag"])
             .set_properties(**{"text-align": "left", "white-space": "normal"}))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from migfd.bench import runner
+from migfd.bench.scenario import tap_available
 from migfd.paths import repo_root
 from migfd.peers import qemu
 from migfd.units import MiB
@@ -113,6 +114,19 @@ def test_limits_rows(run):
     assert limits["unix-throughput"]["unit"] == "bytes/s"
     assert limits["fd-roundtrip"]["unit"] == "ns/fd"
     assert int(limits["handover-floor"]["n_fds"]) >= 2
+    # beside the handover floor: its parts, and (with a TAP) itself under tap-traffic's probe frames
+    handovers = ["handover-floor", "handover-oneway", "commit-roundtrip"]
+    if tap_available() is None:
+        handovers.append("handover-floor-loaded")
+        assert int(limits["handover-floor-loaded"]["frames_sent"]) > 0
+    for variant in handovers:
+        assert limits[variant]["unit"] == "ns", variant
+        for key in ("backend", "n_fds", "device_state_bytes", "fds_passed"):
+            assert limits[variant][key] == limits["handover-floor"][key], (variant, key)
+    unbatched = limits["fd-roundtrip-unbatched"]
+    assert unbatched["unit"] == "ns/fd" and unbatched["fd_messages"] == unbatched["n_fds"]
+    meta = json.loads((run / "metadata.json").read_text())
+    assert ("not measured" in meta["scenarios"]["limits"]["handover_load"]) == (tap_available() is not None)
 
 
 def test_metadata(run):

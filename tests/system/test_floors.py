@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from helpers import proc_fds
 
+from migfd.bench import floors
 from migfd.bench.floors import (
     THROUGHPUT_REPS, BackendFds, FloorConfig, FloorTap, HandoverProfile, Peer, allocated_mapping,
-    floor_rows, handover, ping, throughput_reps,
+    TapLoad, floor_rows, handover, ping, throughput_reps,
 )
 from migfd.bench.scenario import BenchContext
 from migfd.bench.scenarios.floors import throughput_sizes
@@ -99,17 +100,20 @@ def test_the_handover_floor_is_state_and_fds_an_acknowledgement_and_the_eof():
         ping(peer, 1)
         child_fds_before = len(proc_fds(peer.proc.pid))
         start = time.monotonic_ns()
-        times = handover(peer, os.urandom(350), fds, reps=20)
+        switchovers = handover(peer, os.urandom(350), fds, reps=20)
         window = time.monotonic_ns() - start
         # Each time ends on the child's clock when it read the EOF: the same clock as
         # ours (CLOCK_MONOTONIC), after the switchover began, and all twenty inside the call.
+        times = [s.total_ns for s in switchovers]
         assert len(times) == 20 and min(times) > 0 and sum(times) <= window
+        # the child had everything before it acknowledged: both parts of each switchover happened
+        assert all(s.oneway_ns > 0 and s.commit_ns > 0 for s in switchovers)
         # the child read the EOF and closed every fd it got
         assert len(proc_fds(peer.proc.pid)) == child_fds_before
         # the pairing is intact: a switchover after twenty still ends where it should
         start = time.monotonic_ns()
         (last,) = handover(peer, b"x", [], reps=1)
-        assert 0 < last <= time.monotonic_ns() - start
+        assert 0 < last.total_ns <= time.monotonic_ns() - start
 
 
 def rss_of_mapping(address: int) -> int:
@@ -156,20 +160,26 @@ def test_one_trial_of_every_floor_at_the_sizes_asked(tmp_path):
     assert [r["n_fds"] for r in by["fd-roundtrip"]] == [1, 4]
     assert {r["backend"] for r in by["fd-roundtrip"]} == {"socket"}  # no TAP given
     assert [r["ram_bytes"] for r in by["unix-throughput"]] == [1 * MiB, 2 * MiB]
-    (hand,) = by["handover-floor"]
-    assert hand["n_fds"] == 3 and hand["device_state_bytes"] == 300
-    assert hand["total_ns"] == hand["downtime_ns"] == hand["value"]
+    (unbatched,) = by["fd-roundtrip-unbatched"]
+    assert unbatched["n_fds"] == 4 and unbatched["fd_messages"] == 4 and by["fd-roundtrip"][-1]["fd_messages"] == 1
+    for variant in ("handover-floor", "handover-oneway", "commit-roundtrip"):
+        (hand,) = by[variant]
+        assert hand["n_fds"] == 3 and hand["device_state_bytes"] == 300 and hand["unit"] == "ns"
+        assert hand["total_ns"] == hand["downtime_ns"] == hand["value"]
+    assert "handover-floor-loaded" not in by  # no TAP given: no probe traffic to load it with
     # Every value is its row's time in the row's unit ...
     (base,) = by["ping"]
     assert base["value"] == base["total_ns"]
-    for r in by["fd-roundtrip"]:
+    for r in by["fd-roundtrip"] + by["fd-roundtrip-unbatched"]:
         assert r["value"] == (r["total_ns"] - base["total_ns"]) / r["n_fds"]
     for r in by["unix-throughput"] + by["memcpy"]:
         assert r["value"] == r["ram_bytes"] / r["total_ns"] * 1e9
     # ... and each time is the median of repetitions made one after another inside this
     # call: at least half of them took the median or longer.
-    reps = {"ping": cfg.roundtrip_reps, "fd-roundtrip": cfg.roundtrip_reps,
-            "handover-floor": cfg.roundtrip_reps, "memcpy": cfg.memcpy_reps}
+    # (the one-way transfer and the commit round trip are parts of the handover floor's switchovers)
+    reps = {"ping": cfg.roundtrip_reps, "fd-roundtrip": cfg.roundtrip_reps, "fd-roundtrip-unbatched": cfg.roundtrip_reps,
+            "handover-floor": cfg.roundtrip_reps, "handover-oneway": 0, "commit-roundtrip": 0,
+            "memcpy": cfg.memcpy_reps}
     at_least = 0
     for r in rows:
         n = (throughput_reps(r["ram_bytes"], cfg.throughput_budget) if r["variant"] == "unix-throughput"
@@ -190,3 +200,53 @@ def test_the_throughput_floor_goes_where_the_state_copies_went():
     # no ram-size in this run: ram-size's sizes for it
     assert throughput_sizes(ctx_with([])) == (64 * MiB, 256 * MiB)
     assert 4 * GiB in throughput_sizes(ctx_with([], quick=False))
+
+
+@pytest.mark.parametrize("netns_tap", [4], indirect=True)
+def test_the_loaded_handover_floor_runs_under_the_probes_frames(netns_tap):
+    tap = FloorTap(netns_tap.ifname, netns_tap.netns, 4)
+    cfg = FloorConfig(fd_counts=(1, 4), roundtrip_reps=10, throughput_sizes=(1 * MiB,), throughput_budget=1 * MiB,
+                      memcpy_bytes=1 * MiB, memcpy_reps=1, tap=tap, load_frame_rate_per_s=20_000)
+    profile = HandoverProfile("ram+tap+chardev", 3, 300, "test")
+    by = {r["variant"]: r for r in floor_rows(0, cfg, profile)}
+    loaded, idle = by["handover-floor-loaded"], by["handover-floor"]
+    for key in ("backend", "n_fds", "device_state_bytes", "fds_passed", "fd_messages", "unit"):
+        assert loaded[key] == idle[key], key
+    assert loaded["total_ns"] == loaded["downtime_ns"] == loaded["value"] > 0
+    # the probe really sent while the switchovers ran, from a process that is gone now
+    assert loaded["frames_sent"] > 0
+    assert not [p for p in proc_children() if "--probe" in p]
+
+
+def proc_children() -> list[str]:
+    """The command lines of this process's children."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid():
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    out.append(f.read().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def test_the_load_probe_that_cannot_start_says_so():
+    # no such namespace: the probe process fails before its first frame, and says why
+    with pytest.raises(RuntimeError, match="load probe did not start .*nosuchns"):
+        TapLoad(FloorTap("nosuchtap0", "nosuchns", 1), 1000)
+
+
+@pytest.mark.parametrize("netns_tap", [4], indirect=True)
+def test_a_loaded_floor_that_cannot_run_fails_its_row_alone(netns_tap, monkeypatch):
+    # the TAP is there for the fds, but the probe cannot send on it (a namespace it cannot enter)
+    monkeypatch.setattr(floors, "TapLoad", lambda tap, rate: TapLoad(FloorTap(tap.ifname, "nosuchns", 1), rate))
+    cfg = FloorConfig(fd_counts=(1,), roundtrip_reps=2, throughput_sizes=(1 * MiB,), throughput_budget=1 * MiB,
+                      memcpy_bytes=1 * MiB, memcpy_reps=1, tap=FloorTap(netns_tap.ifname, netns_tap.netns, 4),
+                      load_frame_rate_per_s=1000)
+    by = {r["variant"]: r for r in floor_rows(0, cfg, HandoverProfile("ram+tap+chardev", 3, 300, "test"))}
+    loaded = by["handover-floor-loaded"]
+    assert loaded["ok"] is False and "load probe did not start" in loaded["error"] and "total_ns" not in loaded
+    assert by["handover-floor"]["total_ns"] > 0 and "memcpy" in by  # the trial's other floors are there

@@ -29,7 +29,7 @@ from migfd.results import report
 from migfd.results.anatomy import TIMELINE_COLUMNS, anatomy_rows, anatomy_table, gantt_trials, load_timelines
 from migfd.results.compare import BASE_ENV, NEW_ENV, compare
 from migfd.results.load import RESULTS_ENV, find_results, load_results, load_run, newest_run
-from migfd.results.targets import targets
+from migfd.results.targets import floors_beside, targets
 
 NOTEBOOKS = report.NOTEBOOK_DIR
 RESULT_NOTEBOOKS = ("02-downtime", "03-packet-loss", "05-anatomy")
@@ -140,11 +140,15 @@ def test_anatomy_notebook_on_a_real_run_with_timelines(timelines_run, tmp_path):
         assert_shows_the_timelines(nb, bare)
 
 
-def verdict_cells(nb) -> list[str]:
-    """The verdict column of the targets table the notebook displayed (its HTML output)."""
-    page = next(o["data"]["text/html"] for o in outputs(nb) if "verdict" in o.get("data", {}).get("text/html", ""))
-    header = re.findall(r"<th[^>]*>(.*?)</th>", re.search(r"<thead>(.*?)</thead>", page, re.S).group(1), re.S)
-    at = [h.strip() for h in header].index("verdict")
+def verdict_cells(nb, column: str = "verdict") -> list[str]:
+    """The verdict column of the targets table the notebook displayed (its HTML output); or
+    ``column`` of the first table that has one."""
+    def headers(page: str) -> list[str]:
+        head = re.search(r"<thead>(.*?)</thead>", page, re.S)
+        return [h.strip() for h in re.findall(r"<th[^>]*>(.*?)</th>", head.group(1), re.S)] if head else []
+
+    page = next(o["data"]["text/html"] for o in outputs(nb) if column in headers(o.get("data", {}).get("text/html", "")))
+    at = headers(page).index(column)
     body = re.search(r"<tbody>(.*?)</tbody>", page, re.S).group(1)
     return [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)[at].strip()
             for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
@@ -159,6 +163,15 @@ def test_targets_table_shows_the_runs_verdicts(executed):
     expected = list(targets(df, meta)["verdict"])
     assert verdict_cells(executed("02-downtime")) == expected
     assert set(expected) <= {"pass", "fail", "inconclusive", "not-measured"}
+
+
+@pytest.mark.skipif(RESULTS is None, reason=NO_RESULTS)
+@pytest.mark.timeout(240)
+def test_floors_table_shows_the_runs_floors_and_flags(executed):
+    df, meta = load_results(RESULTS)
+    expected = floors_beside(df, meta)
+    assert verdict_cells(executed("02-downtime"), "flag") == list(expected["flag"])
+    assert set(expected["flag"]) <= {"below", "not below", "not-measured"}
 
 
 @pytest.fixture(scope="module")

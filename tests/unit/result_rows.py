@@ -40,7 +40,7 @@ def ram_rows(mode: str, size: int, downtimes_ms, live=False, **kw) -> list[dict]
 
 
 def floor_row(variant: str, **kw) -> dict:
-    return fixture_row(scenario="limits", mode="floor", variant=variant, trial=0, **kw)
+    return fixture_row(**{"scenario": "limits", "mode": "floor", "variant": variant, "trial": 0, **kw})
 
 
 def traffic_rows(lost, dup, mode="fd-passing"):

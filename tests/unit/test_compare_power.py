@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from migfd.paths import repo_root
-from migfd.results.compare import compare, machine
+from migfd.results.compare import NOT_THE_MACHINE, compare, machine
 from migfd.results.load import POINT_KEYS, load_results
 from migfd.stats import FASTER, IMPROVED, REGRESSED, SAME, SLOWER
 
@@ -161,3 +161,15 @@ def test_tripling_every_time_floors_included_reads_as_a_slower_machine(reference
     timed = changes[changes["kind"] != "count"]
     assert (timed["verdict"] == REGRESSED).mean() >= 0.8 and not (timed["verdict"] == IMPROVED).any()
     assert timed["verdict_normalized"].isin(CHANGED).mean() <= 0.05
+
+
+def test_the_handover_floors_parts_and_its_loaded_twin_do_not_move_the_machine(reference):
+    """handover-oneway and commit-roundtrip are parts of the handover floor's own switchovers, the loaded
+    floor is the probe's load: five times slower in NEW alone, they leave the machine where it was."""
+    hand = reference[(reference["scenario"] == "limits") & (reference["variant"] == "handover-floor")]
+    assert not hand.empty, "the reference run has a handover floor"
+    extra = pd.concat([hand.assign(variant=v) for v in NOT_THE_MACHINE], ignore_index=True)
+    base = pd.concat([reference, extra], ignore_index=True)
+    new = pd.concat([reference, scaled(extra, pd.Series(True, index=extra.index), "value", 5.0)], ignore_index=True)
+    ma = machine(base, new)
+    assert ma.verdict == SAME and ma.floors == machine(reference, reference.copy()).floors, ma.as_json()

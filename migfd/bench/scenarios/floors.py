@@ -18,7 +18,7 @@ from migfd.bench.scenario import (
 )
 from migfd.bench.scenarios.chardev import ChardevTrial
 from migfd.bench.scenarios.ram_size import RamSize
-from migfd.bench.scenarios.tap_traffic import TapTraffic, TapTrafficTrial
+from migfd.bench.scenarios.tap_traffic import FRAME_RATE, TapTraffic, TapTrafficTrial
 from migfd.units import GiB, MiB
 
 
@@ -35,14 +35,8 @@ class FloorTrial(Trial):
             None, lambda: list(floor_rows(self.spec.trial, cfg, profile)))
 
     async def finish(self, measured: list[dict]) -> list[dict]:
-        rows = []
-        for values in measured:
-            row = self.spec.row()
-            row.update(values)
-            row["ok"] = True
-            row["error"] = ""
-            rows.append(row)
-        return rows
+        # a floor that could not run says so in its own row (the loaded handover floor)
+        return [{**self.spec.row(), "ok": True, "error": "", **values} for values in measured]
 
 
 class Floors(TapScenario):
@@ -68,9 +62,10 @@ class Floors(TapScenario):
         sizes = throughput_sizes(ctx)
         if ctx.quick:
             self.config = FloorConfig(roundtrip_reps=200, throughput_sizes=sizes,
-                                      throughput_budget=1 * GiB, memcpy_bytes=64 * MiB)
+                                      throughput_budget=1 * GiB, memcpy_bytes=64 * MiB,
+                                      load_frame_rate_per_s=FRAME_RATE)
         else:
-            self.config = FloorConfig(throughput_sizes=sizes)
+            self.config = FloorConfig(throughput_sizes=sizes, load_frame_rate_per_s=FRAME_RATE)
         n = ctx.n_trials(4, 2)
         specs = [TrialSpec(self.name, "floor", t) for t in range(n)]
         config = {k: v for k, v in self.config.__dict__.items() if k != "tap"}
@@ -83,8 +78,9 @@ class Floors(TapScenario):
         await super().setup(ctx)
         if self.netns is not None:
             # One multi-queue TAP: its queues are fd-count's fds, one of them a whole VM's TAP.
+            # Up, as a VM's TAP is (and the loaded handover floor's probe sends into it).
             queues = max(self.config.fd_counts)
-            self.ifname = self.new_tap(queues=queues)
+            self.ifname = self.new_tap(queues=queues, up=True)
             self.config.tap = FloorTap(self.ifname, self.netns.name, queues)
         self.profile, self.profile_note = await handover_profile(ctx)
 
@@ -100,7 +96,10 @@ class Floors(TapScenario):
         return {"handover_profile": self.profile_note,
                 "fd_kinds": {"fd-roundtrip": "TAP queues" if self.config.tap else "listening AF_UNIX sockets",
                              "handover-floor": "memfd, " + ("TAP queue, " if self.config.tap else "")
-                                               + "connected AF_UNIX sockets"}}
+                                               + "connected AF_UNIX sockets"},
+                "handover_load": (f"tap-traffic's probe, {self.config.load_frame_rate_per_s:g} frames/s into "
+                                  "the TAP whose queue is handed over, from a process of its own"
+                                  if self.config.tap else "not measured: needs a TAP (root, /dev/net/tun)")}
 
 
 def throughput_sizes(ctx: BenchContext) -> tuple[int, ...]:
