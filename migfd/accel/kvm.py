@@ -307,8 +307,6 @@ class Vcpu:
         self.index = index
         self.fd = _ioctl(vm.fd, KVM_CREATE_VCPU, index)
         self.stats_fd = -1
-        #: the special registers as this process set them last (b"": never)
-        self.sregs_set = b""
         try:
             os.set_inheritable(self.fd, False)
             self.run_page = mmap.mmap(self.fd, vm.vcpu_mmap_size, mmap.MAP_SHARED,
@@ -359,7 +357,6 @@ class Vcpu:
 
     def set_sregs(self, sregs: KvmSregs) -> None:
         _ioctl(self.fd, KVM_SET_SREGS, ctypes.byref(sregs))
-        self.sregs_set = bytes(sregs)
 
     def get_tsc(self) -> int:
         msrs = KvmMsrs1(nmsrs=1)

@@ -163,20 +163,17 @@ def mode_state(sregs: KvmSregs) -> dict[str, Any]:
 def load_cpu(vcpu: Vcpu, state: dict[str, Any], reset: KvmSregs) -> KvmSregs:
     """Put a ``cpu`` section's state into a vCPU that is not running; returns the mode set.
 
-    At most three ioctls, no reads (each about 100 µs nested, inside the
-    downtime): the special registers start from ``reset`` (the fresh vCPU's,
-    read when it was created), and are set only when they differ from those
-    set last (a destination's vCPUs are put in the guest's mode when they are
-    made, which a guest at CPL 3 cannot leave: then two ioctls); the general
-    ones start from zero (this guest uses none other than the section's).
+    Three ioctls, no reads (each about 100 µs nested, inside the downtime):
+    the special registers start from ``reset`` (the fresh vCPU's, read when it
+    was created), the general ones from zero (this guest uses none other than
+    the section's).
     """
     sregs = KvmSregs.from_buffer_copy(reset)
     for name in SEGMENT_NAMES:
         _load_segment(getattr(sregs, name), name, state)
     for name in CONTROL_NAMES:
         setattr(sregs, name, state[name])
-    if bytes(sregs) != vcpu.sregs_set:
-        vcpu.set_sregs(sregs)
+    vcpu.set_sregs(sregs)
     regs = KvmRegs()
     for name in REGISTER_NAMES + ("rip", "rflags"):
         setattr(regs, name, state[name])
@@ -269,11 +266,6 @@ class VcpuThread:
         self._mode: dict[str, Any] | None = None
         #: the special registers of the fresh vCPU (what load_cpu starts from)
         self._reset_sregs = vcpu.get_sregs()
-        # The guest's mode at once, long before any migration loads a cpu section
-        # into this vCPU: the load then finds it set (see load_cpu).
-        mode = KvmSregs.from_buffer_copy(self._reset_sregs)
-        long_mode_user_sregs(mode, PML4_ADDR)
-        vcpu.set_sregs(mode)
         #: the state saved at the last stop (what the cpu section sends)
         self.saved: dict[str, Any] | None = None
         self.exits: dict[str, int] = {}
