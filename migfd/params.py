@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from migfd.errors import MigrationError
+from migfd.stream.constants import X_MULTIFD_PACKETS
 from migfd.units import MiB
 
 #: QEMU's defaults: 300 ms downtime-limit, 128 MiB/s max-bandwidth.
@@ -33,6 +34,10 @@ class MigrationParameters:
     #: fd records ride in the sendmsg of the bytes around them (at most 16 fds a
     #: message) instead of one sendmsg each; QEMU's reader takes both
     x_batch_fds: bool = True
+    #: a state copy sends RAM as multifd-style packets (a header of page offsets,
+    #: then the pages: migfd.stream.multifd), received straight into guest RAM;
+    #: migfd only (QEMU cannot read them), so both sides must set it
+    x_multifd_packets: bool = False
     #: bound on every blocking read or write of the migration channel, in ms
     x_channel_timeout_ms: int = 30_000
 
@@ -59,11 +64,12 @@ class MigrationParameters:
 
     def capabilities(self) -> tuple[str, ...]:
         """Capabilities the configuration section lists, so a peer can check them."""
-        return ("backend-transfer",) if self.backend_transfer else ()
+        return (("backend-transfer",) if self.backend_transfer else ()) + (
+            (X_MULTIFD_PACKETS,) if self.x_multifd_packets else ())
 
 
 #: Capabilities whose setting must agree on both sides.
-VALIDATED_CAPABILITIES = ("backend-transfer",)
+VALIDATED_CAPABILITIES = ("backend-transfer", X_MULTIFD_PACKETS)
 
 
 def check_capabilities(local: MigrationParameters, received: tuple[str, ...]) -> None:

@@ -44,14 +44,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from migfd.stream.constants import RAM_SAVE_FLAG_X_PACKET, TARGET_PAGE_SIZE
+from migfd.stream.constants import RAM_SAVE_FLAG_X_PACKET, TARGET_PAGE_SIZE, X_MULTIFD_PACKETS
 from migfd.stream.ram import PageBatch, nonzero_pages
 from migfd.stream.vmstate import Cursor
 
 PACKET_MAGIC = 0x4D464450  # "MFDP"
 PACKET_VERSION = 1
 #: the capability both sides must list for packets to be sent and accepted
-CAPABILITY = "x-multifd-packets"
+CAPABILITY = X_MULTIFD_PACKETS
 #: most pages one packet lists (16 MiB of pages, as a reader's run of records)
 MAX_PACKET_PAGES = 4096
 
