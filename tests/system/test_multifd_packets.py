@@ -9,13 +9,11 @@ open.
 
 from __future__ import annotations
 
-import os
 import re
-import socket
 
 import numpy as np
 import pytest
-from helpers import memfd_inodes, run_vm_test, wait_until
+from helpers import connect_as_source, memfd_inodes, run_vm_test, wait_until
 
 from migfd.channel import QEMUFile
 from migfd.layout import first_data_page
@@ -109,14 +107,8 @@ def _packet_stream(f: QEMUFile | MemorySink, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncated", "bad-number"])
 def test_a_bad_packet_fails_the_destination_and_closes_its_ram(vms, thread_accel, how):
     async def body():
-        dst = await vms.start("dst", incoming="defer", objects=("memory-backend-memfd,id=ram0,size=1M",))
-        await dst.execute("migrate-set-parameters", {"x-multifd-packets": True})
-        path = vms.path("mig.sock")
-        await dst.execute("migrate-incoming", {"uri": f"unix:{path}"})
-        await wait_until(lambda: os.path.exists(path), what="destination listening")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        f = QEMUFile.from_socket(sock, "fake-source")
+        dst, f = await connect_as_source(vms, ("memory-backend-memfd,id=ram0,size=1M",),
+                                         {"x-multifd-packets": True})
         try:
             if how == "truncated":
                 # The header and one page and a half of four: then the source is gone.
