@@ -5,16 +5,18 @@ in the byte stream with the fd beside it as SCM_RIGHTS. Unbatched, it travels
 as QEMU's qemu_file_put_fd sends it: everything buffered is flushed first,
 then the service byte with the fd in its own sendmsg. Batched (the default),
 the service byte joins the buffered bytes and the fd rides, as SCM_RIGHTS, in
-the sendmsg that carries that buffer, with at most
-:data:`MAX_FDS_PER_MESSAGE` fds a message: so the device state of a whole
-switchover can leave in one message. Both read back the same way in QEMU's
-reader and ours: every fd received with any read is queued in arrival order,
-and an fd field takes the oldest queued fd when it reads its service byte; an
-fd never arrives after its service byte, so the byte order of the stream and
-the order of fds agree. The reading side receives with MSG_CMSG_CLOEXEC and
-room for SCM_MAX_FD fds on every read, queues fds in arrival order, and
-treats a truncated control message as fatal, because the kernel then has
-dropped fds silently.
+the sendmsg that carries that buffer, with at most ``fds_per_message`` fds
+a message: so the device state of a whole switchover can leave in one
+message. That is QEMU's :data:`~migfd.fds.MAX_FDS_PER_MESSAGE` unless both
+ends are migfd (x-fds-per-message, up to the kernel's SCM_MAX_FD). Both read
+back the same way in QEMU's reader and ours: every fd received with any read
+is queued in arrival order, and an fd field takes the oldest queued fd when it
+reads its service byte; an fd never arrives after its service byte, so the
+byte order of the stream and the order of fds agree. The reading side
+receives with MSG_CMSG_CLOEXEC and room for SCM_MAX_FD fds on every read (so
+any batch a sender can make fits), queues fds in arrival order, and treats a
+truncated control message as fatal, because the kernel then has dropped fds
+silently.
 
 A state copy's pages take no copy in user space on their way: the source
 hands :meth:`QEMUFile.put_buffers` record headers and views of guest RAM,
@@ -52,16 +54,11 @@ from collections import deque
 from typing import BinaryIO, Sequence
 
 from migfd.errors import ChannelBrokenError, ChannelClosedError, ChannelError
-from migfd.fds import close_fds
+from migfd.fds import MAX_FDS_PER_MESSAGE, SCM_MAX_FD, close_fds
 from migfd.stream.constants import FD_SERVICE_BYTE
 from migfd.timeline import Timeline
 from migfd.units import KiB
 
-#: The kernel's limit of fds in one SCM_RIGHTS message.
-SCM_MAX_FD = 253
-#: QEMU's reader receives at most this many fds with one read (SOCKET_MAX_FDS of
-#: io/channel-socket.c); a batched message carries no more.
-MAX_FDS_PER_MESSAGE = 16
 #: Bound on received fds not yet claimed, so a peer cannot exhaust our fd table.
 MAX_QUEUED_FDS = 1024
 DEFAULT_BUFSIZE = 256 * KiB
@@ -91,20 +88,24 @@ class QEMUFile:
     Build it with :meth:`from_socket` or :meth:`open_file`. ``name`` is used in
     errors, like QEMU's channel names ("migration-socket-outgoing", a path).
     With ``batch_fds`` an fd rides with the buffered bytes that hold its
-    service byte (see the module docstring); without, each fd takes its own
-    sendmsg after a flush, exactly as QEMU sends it.
+    service byte (see the module docstring), ``fds_per_message`` fds a
+    sendmsg at most; without, each fd takes its own sendmsg after a flush,
+    exactly as QEMU sends it.
     """
 
     def __init__(self, *, name: str, sock: socket.socket | None = None,
                  file: BinaryIO | None = None, bufsize: int = DEFAULT_BUFSIZE,
-                 batch_fds: bool = True):
+                 batch_fds: bool = True, fds_per_message: int = MAX_FDS_PER_MESSAGE):
         if (sock is None) == (file is None):
             raise ValueError("a QEMUFile needs exactly one of a socket or a file")
+        if not 1 <= fds_per_message <= SCM_MAX_FD:
+            raise ValueError(f"fds_per_message must be 1 to {SCM_MAX_FD}, not {fds_per_message}")
         self.name = name
         self._sock = sock
         self._file = file
         self.bufsize = bufsize
         self.batch_fds = batch_fds
+        self.fds_per_message = fds_per_message
         self.supports_fds = sock is not None and socket_supports_fds(sock)
         self._wbuf = bytearray()
         self._pending_fds: list[int] = []
@@ -285,7 +286,7 @@ class QEMUFile:
             return
         self._wbuf.append(FD_SERVICE_BYTE)
         self._pending_fds.append(fd)
-        if len(self._pending_fds) >= MAX_FDS_PER_MESSAGE:
+        if len(self._pending_fds) >= self.fds_per_message:
             self._send_buffer()
 
     def flush(self) -> None:

@@ -187,7 +187,7 @@ def connect_outgoing(address: Address, params: MigrationParameters, *,
                      timeout_s: float | None = 10.0) -> QEMUFile:
     """Open the source's channel; the transport check comes first."""
     check_transport(address, params)
-    batch = params.x_batch_fds
+    fd_batching = {"batch_fds": params.x_batch_fds, "fds_per_message": params.x_fds_per_message}
     try:
         if isinstance(address, UnixAddress):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -197,13 +197,13 @@ def connect_outgoing(address: Address, params: MigrationParameters, *,
             except BaseException:
                 sock.close()
                 raise
-            return QEMUFile.from_socket(sock, "migration-socket-outgoing", batch_fds=batch)
+            return QEMUFile.from_socket(sock, "migration-socket-outgoing", **fd_batching)
         if isinstance(address, TcpAddress):
             sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
             return QEMUFile.from_socket(sock, "migration-socket-outgoing")
         if isinstance(address, FdAddress):
             sock = socket.socket(fileno=os.dup(address.fd))
-            return QEMUFile.from_socket(sock, f"migration-fd-{address.fd}", batch_fds=batch)
+            return QEMUFile.from_socket(sock, f"migration-fd-{address.fd}", **fd_batching)
         return QEMUFile.open_file(address.path, "wb")
     except OSError as exc:
         raise TransportError(f"Failed to connect to '{address}': {exc.strerror or exc}") from exc

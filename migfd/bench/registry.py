@@ -10,6 +10,7 @@ from migfd.bench.scenario import Scenario
 from migfd.bench.scenarios.chardev import Chardev
 from migfd.bench.scenarios.dirty_rate import DirtyRate
 from migfd.bench.scenarios.fd_count import FdCount
+from migfd.bench.scenarios.fd_order import FdOrder
 from migfd.bench.scenarios.floors import Floors
 from migfd.bench.scenarios.qemu_peer import QemuPeer
 from migfd.bench.scenarios.ram_size import RamSize
@@ -17,7 +18,7 @@ from migfd.bench.scenarios.tap_traffic import TapTraffic
 
 #: every scenario by its public name, in the order a run goes through them
 SCENARIOS: dict[str, type[Scenario]] = {
-    cls.name: cls for cls in (RamSize, DirtyRate, FdCount, TapTraffic, Chardev, QemuPeer, Floors)
+    cls.name: cls for cls in (RamSize, DirtyRate, FdCount, TapTraffic, FdOrder, Chardev, QemuPeer, Floors)
 }
 #: the names alone, in run order
 SCENARIO_NAMES: tuple[str, ...] = tuple(SCENARIOS)

@@ -83,6 +83,14 @@ class GuestThread:
         self._lock.release()
         self.ran.set()
 
+    def hold(self, timeout_s: float) -> bool:
+        """Keep the thread out of its turns from outside (release with :meth:`unhold`):
+        its backends stay as they are meanwhile. False if it held a turn for ``timeout_s``."""
+        return self._lock.acquire(timeout=timeout_s)
+
+    def unhold(self) -> None:
+        self._lock.release()
+
     @property
     def quitting(self) -> bool:
         return self._ctl.quitting
@@ -312,6 +320,27 @@ class Device:
 
     #: the section's instance id (QEMU numbers the "cpu" sections by vCPU index)
     instance_id = 0
+    #: bumped whenever the backend's fds change (opened, adopted, a client accepted or
+    #: dropped, closed): a migration that sent the fds early sees whether they still hold
+    backend_generation = 0
+
+    @contextmanager
+    def backend_held(self, timeout_s: float = 1.0) -> Iterator[None]:
+        """Keep this device's running guest threads out of their turns, so that its backend
+        fds neither close nor change while a migration reads and sends them (a stopped VM's
+        controller holds every turn already)."""
+        held: list[GuestThread] = []
+        try:
+            for guest in self.guests:
+                if guest.stop_requested:
+                    continue
+                if not guest.hold(timeout_s):
+                    raise MigrationError(f"'{self.id}': a guest thread kept its turn for {timeout_s} s")
+                held.append(guest)
+            yield
+        finally:
+            for guest in held:
+                guest.unhold()
 
     @property
     def section_name(self) -> str:

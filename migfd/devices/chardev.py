@@ -86,6 +86,7 @@ class ChardevSocket(Device):
             sock.close()
             raise MigrationError(f"chardev '{self.id}': cannot listen on {self.path}: {exc.strerror}") from exc
         self.listener = sock
+        self.backend_generation += 1
 
     def owned_fds(self) -> list[int]:
         return [s.fileno() for s in (self.listener, self.client) if s is not None]
@@ -94,12 +95,14 @@ class ChardevSocket(Device):
         if self.client is not None:
             self.client.close()
             self.client = None
+            self.backend_generation += 1
 
     def close(self) -> None:
         self._drop_client()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+            self.backend_generation += 1
 
     # -- guest workload --------------------------------------------------------
 
@@ -141,6 +144,7 @@ class ChardevSocket(Device):
         conn.setblocking(False)
         self.client = conn
         self.connections += 1
+        self.backend_generation += 1
 
     def _serve(self) -> None:
         assert self.client is not None
@@ -196,7 +200,8 @@ class ChardevSocket(Device):
         listener_fd = state.get("listener_fd")
         client_fd = state.get("client_fd")
         if listener_fd is None:
-            self._listen()
+            if self.listener is None:  # state copy; else the sockets came early (x-early-fds)
+                self._listen()
             return
         listener = adopt_socket_fd(listener_fd, listening=True, device=self.id)
         client = None
@@ -209,6 +214,7 @@ class ChardevSocket(Device):
         # From here the sockets own the fds.
         self.listener = listener
         self.client = client
+        self.backend_generation += 1
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "path": self.path, "connected": self.client is not None,

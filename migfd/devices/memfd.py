@@ -144,6 +144,7 @@ class MemoryBackendMemfd(Device):
 
     def _adopt(self, fd: int) -> None:
         self.fd = fd
+        self.backend_generation += 1
         self.map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         for mapped in self.on_map:
             mapped()
@@ -158,6 +159,8 @@ class MemoryBackendMemfd(Device):
             except BufferError:
                 pass  # a view is still alive; the mapping goes with the process
             self.map = None
+        if self.fd >= 0:
+            self.backend_generation += 1
         self.fd = close_fd(self.fd)
 
     # -- guest workload --------------------------------------------------------

@@ -100,6 +100,7 @@ class TapNetdev(Device):
                 close_fd(fd)
             raise MigrationError(f"netdev '{self.id}': cannot configure TAP {self.ifname}: {exc.strerror}") from exc
         self.fds = fds
+        self.backend_generation += 1
 
     def owned_fds(self) -> list[int]:
         return list(self.fds)
@@ -108,6 +109,7 @@ class TapNetdev(Device):
         for fd in self.fds:
             close_fd(fd)
         self.fds = []
+        self.backend_generation += 1
 
     # -- guest workload ------------------------------------------------------
 
@@ -179,12 +181,14 @@ class TapNetdev(Device):
         self.frames_echoed = state["frames_echoed"]
         fds = state.get("queue_fds")
         if fds is None:
-            self._attach()  # state copy: attach by name, settings applied again
+            if not self.fds:  # state copy: attach by name; else the queues came early (x-early-fds)
+                self._attach()
             return
         if len(fds) != self.queues:
             raise MigrationError(f"netdev '{self.id}': {len(fds)} queue fds received, {self.queues} expected")
         validate_tap_fds(fds, self.ifname, self.queues > 1, self.id)
         self.fds = list(fds)
+        self.backend_generation += 1
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "ifname": self.ifname, "queues": self.queues,

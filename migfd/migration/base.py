@@ -63,6 +63,8 @@ class MigrationStats:
     iterations: int = 0
     expected_downtime_ms: int = 0
     fds_passed: int = 0
+    #: of those, the fds that went before the stop (x-early-fds)
+    early_fds: int = 0
     fd_messages: int = 0
     bytes_sent: int = 0
     device_state_bytes: int = 0
@@ -103,6 +105,8 @@ class MigrationStats:
             "dirty-sync-count": self.iterations, "page-size": PAGE,
         }
         out["x-fds-passed"] = self.fds_passed
+        if self.early_fds:
+            out["x-early-fds-passed"] = self.early_fds
         out["x-fd-messages"] = self.fd_messages
         out["x-bytes-sent"] = self.bytes_sent
         out["x-device-state-bytes"] = self.device_state_bytes

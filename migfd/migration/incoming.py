@@ -114,6 +114,9 @@ class IncomingMigration(MigrationBase):
         self._loaded = False
         #: fds received in device sections and not yet adopted by a device
         self._received: set[int] = set()
+        #: x-early-fds: the sections whose fds came (and were adopted) before the switchover
+        self._early: set[str] = set()
+        self._switchover = False
         self.return_path = False
         self._by_section = {d.section_key: d for d in vm.devices}  # "cpu" sections differ by instance
         self._by_block = {d.block_id: d for d in self.ram_devices()}
@@ -336,6 +339,8 @@ class IncomingMigration(MigrationBase):
                 self.stats.duplicate_pages += 1
             else:
                 self.stats.normal_pages += 1
+        elif isinstance(event, SectionFull) and not self._switchover and self.params.x_early_fds:
+            self._load_early(event, start_ns, parsed_ns)
         elif isinstance(event, SectionFull):
             self.timeline.add(f"load:{event.name}", start_ns, parsed_ns)
             key = section_key(event.name, event.instance_id)
@@ -353,10 +358,14 @@ class IncomingMigration(MigrationBase):
             if event.command == Command.OPEN_RETURN_PATH:
                 self.return_path = True
             elif event.command == Command.SWITCHOVER_START:
+                self._switchover = True
                 self.timeline.add("switchover-start", parsed_ns)
                 self.vm.hold_events()  # until the guest runs and the source knows it
             elif event.command == Command.PING and not self._states:
-                # No device state yet: the PING that ends the source's setup.
+                # No device state yet: the PING that ends the source's setup (after
+                # the early fds, if any, were adopted: the source then knows they were).
+                if self._early:
+                    self.hook("dest-early-fds")
                 self._reply(ReturnPathMessage.PONG, event.data)
             elif event.command == Command.PING:
                 # The acknowledgement the commit point waits for: only after every
@@ -376,6 +385,25 @@ class IncomingMigration(MigrationBase):
             self.timeline.add("load-vmdesc", start_ns, parsed_ns)
             self._resume()
 
+    def _load_early(self, event: SectionFull, start_ns: int, parsed_ns: int) -> None:
+        """x-early-fds: a device's section before the switchover brings its fds; the device
+        validates and adopts them now, while the source's guest still runs (nothing runs here)."""
+        self.timeline.add(f"load:{event.name}", start_ns, parsed_ns)
+        key = section_key(event.name, event.instance_id)
+        self._received.update(event.fds)
+        if key in self._early:
+            raise MigrationError(f"early fds of section '{key}' arrived twice")
+        if not event.fds:
+            raise MigrationError(f"section '{key}' came before the switchover without fds")
+        dev = self._by_section.get(key)
+        if dev is None:
+            raise MigrationError(f"section '{key}' came before the switchover, and only devices' fds may")
+        with self.timeline.phase(f"early-load:{dev.section_name}"):
+            dev.load_state(event.state, event.fds)  # validates first; on success the device owns them
+        self._received.difference_update(event.fds)
+        self._early.add(key)
+        self.stats.early_fds += len(event.fds)
+
     def _reply(self, kind: int, payload: bytes = b"") -> None:
         if self.return_path and self.file is not None:
             write_rp(self.file, kind, payload)
@@ -388,15 +416,27 @@ class IncomingMigration(MigrationBase):
         if missing or MIGRATION_SECTION not in self._states:
             raise MigrationError(f"device state missing for {', '.join(missing) or MIGRATION_SECTION}")
         tl = self.timeline
+        if self.params.x_early_fds:
+            self._check_early()
         with tl.phase("load-devices"):
             for dev in self.vm.devices:
                 start = time.monotonic_ns()
                 state, fds = self._states[dev.section_key]
+                if fds and dev.section_key in self._early:
+                    dev.close()  # its backend changed on the source after the early fds: these replace them
                 dev.load_state(state, fds)  # validates first; on success the device owns fds
                 self._received.difference_update(fds)
                 tl.add(f"post-load:{dev.section_name}", start, time.monotonic_ns())
         self.stats.stop_ns = self._states[MIGRATION_SECTION][0]["stop_ns"]
         self._loaded = True
+
+    def _check_early(self) -> None:
+        """With x-early-fds, every device this side takes over must have its fds, early or now:
+        a section without them would make it open the backend by name, which the source holds."""
+        for dev in self.vm.devices:
+            key = dev.section_key
+            if dev.handover(self.params.backend_transfer) and key not in self._early and not self._states[key][1]:
+                raise MigrationError(f"section '{key}': no fds arrived, neither early nor at the switchover")
 
     def _resume(self) -> None:
         self.stats.committed = True

@@ -66,6 +66,8 @@ class OutgoingMigration(MigrationBase):
         self._commit_lock = threading.Lock()
         #: fds this migration owns (an ``fd:`` channel taken with getfd), closed when it ends
         self.owned_fds: list[int] = []
+        #: x-early-fds: the backend generation of each device whose fds went during setup
+        self.early: dict[int, int] = {}
 
     def start(self) -> None:
         self.set_status(MigrationStatus.SETUP)
@@ -123,6 +125,8 @@ class OutgoingMigration(MigrationBase):
         self.return_path = not isinstance(self.address, FileAddress)
         if self.return_path:
             w.write_open_return_path()
+        if self.params.x_early_fds and self.params.backend_transfer:
+            self._send_early_fds()
         ram = self.copied_ram()
         for dev in ram:
             dev.start_dirty_log()  # KVM logs the guest's writes from here; every page dirty first
@@ -148,6 +152,34 @@ class OutgoingMigration(MigrationBase):
             # threads need the GIL and the CPU. It goes out, with its time, after.
             self.vm.hold_events()
         self.set_status(MigrationStatus.ACTIVE)
+
+    def _send_early_fds(self) -> None:
+        """x-early-fds: every handed-over device's section, its fds with it, while the guest runs.
+
+        cpr-transfer's order: the destination validates and adopts the fds now
+        (the setup PING that follows returns only after it has), so the
+        switchover carries the state alone. The guest goes on using its
+        backends meanwhile: both processes hold the same open files, and the
+        destination touches none until it runs. A device whose backend changes
+        after this (a chardev client that reconnects) sends its fds again at the
+        switchover, which its backend generation tells.
+        """
+        f = self.file
+        assert f is not None
+        with self.timeline.phase("early-fds"):
+            for dev in self.vm.devices:
+                if not self.handover[id(dev)]:
+                    continue
+                # The fds read must stay the ones sent: the guest thread is kept
+                # out of its turns (where it accepts and drops clients) until the
+                # message that carries them has left.
+                with dev.backend_held():
+                    self.writer.write_section_full(dev.section_name, dev.instance_id, dev.vmsd,
+                                                   dev.save_state(True))
+                    f.flush()
+                    self.early[id(dev)] = dev.backend_generation
+        self.stats.early_fds = f.fds_sent
+        self.hook("early-fds")
 
     # -- precopy ----------------------------------------------------------
 
@@ -251,6 +283,8 @@ class OutgoingMigration(MigrationBase):
                 if not handover:
                     dev.detach()
                     self.detached.append(dev)
+                elif self.early.get(id(dev)) == dev.backend_generation:
+                    handover = False  # its fds are at the destination already, and still the same
                 self.hook(f"device-{dev.id}")
                 w.write_section_full(dev.section_name, dev.instance_id, dev.vmsd, dev.save_state(handover))
                 sections.lap(f"save:{dev.section_name}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 import numpy as np
@@ -164,14 +165,16 @@ def reported_end_ns(phases: pd.DataFrame, downtime_ns: float) -> float:
     return float(resume["start_ns"].iloc[0]) if len(resume) else float(downtime_ns)
 
 
-def trial_anatomy(df: pd.DataFrame, timelines: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial and phase share of its downtime: trial_id, series, label, ns, downtime_ns."""
+def trial_anatomy(df: pd.DataFrame, timelines: pd.DataFrame,
+                  series_by: Callable[[pd.DataFrame], pd.Series] = series_of) -> pd.DataFrame:
+    """One row per trial and phase share of its downtime: trial_id, series, label, ns, downtime_ns;
+    ``series_by`` names each row's series (default :func:`series_of`)."""
     cols = ["trial_id", "series", "label", "ns", "downtime_ns"]
     if timelines.empty or "trial_id" not in df or df.empty:
         return pd.DataFrame(columns=cols)
     ok = df[df["ok"].fillna(False).astype(bool)]
     downtime = downtime_of(ok)
-    series = series_of(ok)
+    series = series_by(ok)
     by_trial = {tid: g for tid, g in timelines.groupby("trial_id")}
     rows = []
     for idx, row in ok.iterrows():
@@ -195,12 +198,13 @@ def phase_group(label: str) -> str:
     return label
 
 
-def anatomy_table(df: pd.DataFrame, timelines: pd.DataFrame, *, grouped: bool = False) -> pd.DataFrame:
-    """Median ns per mode and phase (phases absent from a trial count as 0 in it), with trial counts.
+def anatomy_table(df: pd.DataFrame, timelines: pd.DataFrame, *, grouped: bool = False,
+                  series_by: Callable[[pd.DataFrame], pd.Series] = series_of) -> pd.DataFrame:
+    """Median ns per series and phase (phases absent from a trial count as 0 in it), with trial counts.
 
     ``grouped``: phases summed by :func:`phase_group` within each trial first.
     """
-    parts = trial_anatomy(df, timelines)
+    parts = trial_anatomy(df, timelines, series_by)
     if grouped:
         parts = parts.assign(label=parts["label"].map(phase_group))
     if parts.empty:

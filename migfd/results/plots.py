@@ -227,7 +227,8 @@ def plot_downtime_vs_ram(df: pd.DataFrame, metadata: dict | None = None) -> Figu
 
 
 def plot_downtime_vs_fds(df: pd.DataFrame, metadata: dict | None = None) -> Figure:
-    """Downtime against the number of handed-over fds, batched vs unbatched sendmsg; log–log.
+    """Downtime against the number of handed-over fds: batched, unbatched, and batched before the
+    stop (x-early-fds, whose switchover carries no fd); log–log.
 
     The floor is the raw round trip of passing the same number of fds between
     two processes, batched (limits: fd-roundtrip); each legend entry gives the
@@ -238,7 +239,7 @@ def plot_downtime_vs_fds(df: pd.DataFrame, metadata: dict | None = None) -> Figu
         fig.suptitle("Downtime vs handed-over fds: no data")
         return fig
     _fig_legend(fig, ax, ncols=1)
-    ax.set_title("Downtime vs number of handed-over fds: batched vs one fd per sendmsg\n"
+    ax.set_title("Downtime vs number of handed-over fds: batched, one fd per sendmsg, sent before the stop\n"
                  "lines: medians with 95% intervals (bars), light bands: p5–p95; "
                  "per-fd cost = least-squares slope of the medians", fontsize=10)
     return fig
@@ -252,7 +253,8 @@ def _fd_count_panel(ax, df: pd.DataFrame, metadata: dict | None, mode: str | Non
     if rows.empty or not rows["ok"].fillna(False).astype(bool).any():
         _no_data(ax, why_absent(df, metadata, "fd-count", "successful trials"))
         return False
-    styles = {"batched": ("o", False), "unbatched": ("s", True)}
+    styles = {"batched": ("o", False), "unbatched": ("s", True), "early-fds": ("D", False),
+              "batched-253": ("v", False)}
     shades = {"batched": 1.0, "unbatched": 0.6}
     for (m, variant), g in rows.groupby(["mode", "variant"], dropna=False):
         pts = summarize(g)

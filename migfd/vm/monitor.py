@@ -22,7 +22,7 @@ from migfd.vm.machine import VM
 #: QEMU's words when a migration is running and a change would alter it
 MIGRATION_IN_PROGRESS = "There's a migration process in progress"
 #: parameters that shape the stream: fixed once a stream has started
-STREAM_SHAPING = ("backend_transfer", "x_batch_fds")
+STREAM_SHAPING = ("backend_transfer", "x_batch_fds", "x_early_fds", "x_fds_per_message")
 #: the migration capabilities migfd knows (QEMU's MigrationCapability names)
 CAPABILITIES = ("events", "backend-transfer")
 
@@ -84,10 +84,11 @@ class Monitor:
     def qmp_migrate_set_parameters(self, args: dict) -> None:
         """As QEMU: tunables change at any time, also during a migration.
 
-        A parameter that shapes the stream (backend-transfer, x-batch-fds) is
-        fixed once a stream has started: on the source from ``migrate`` on, on
-        the destination from the moment a source connected. Until then a
-        listening or deferred destination takes every change.
+        A parameter that shapes the stream (backend-transfer, x-batch-fds,
+        x-fds-per-message) is fixed once a stream has started: on the source
+        from ``migrate`` on, on the destination from the moment a source
+        connected. Until then a listening or deferred destination takes every
+        change.
         """
         self._apply_params(self.vm.params.updated(args))
 

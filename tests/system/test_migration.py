@@ -329,7 +329,14 @@ def _recv_with_fds(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
 # -- failures before the commit point ---------------------------------------------------
 
 
-def test_capability_mismatch_fails_and_source_keeps_its_backends(vms):
+@pytest.mark.parametrize("src_params, dst_params, error", [
+    ({"backend-transfer": True}, {"backend-transfer": False},
+     "Capability 'backend-transfer' is on on the source but off on the destination"),
+    ({"backend-transfer": True, "x-fds-per-message": 253}, {"backend-transfer": True},
+     "Capability 'x-fds-per-message' is on on the source (more than 16 fds in one message) "
+     "but off on the destination (x-fds-per-message 16)"),
+], ids=["backend-transfer", "x-fds-per-message"])
+def test_capability_mismatch_fails_and_source_keeps_its_backends(vms, src_params, dst_params, error):
     chardev = vms.path("ch0.sock")
     objects = (ram_opt(True, 16),)
     chardevs = (chardev_opt(chardev),)
@@ -344,16 +351,15 @@ def test_capability_mismatch_fails_and_source_keeps_its_backends(vms):
             src_memfds = memfd_inodes(src.pid)
             src_sockets = sockets_of(src.pid)
             dst_sockets = sockets_of(dst.pid)
-            await src.execute("migrate-set-parameters", {"backend-transfer": True})
-            await dst.execute("migrate-set-parameters", {"backend-transfer": False})
+            await src.execute("migrate-set-parameters", src_params)
+            await dst.execute("migrate-set-parameters", dst_params)
             await dst.execute("migrate-incoming", {"uri": f"unix:{vms.path('mig.sock')}"})
             await src.execute("migrate", {"uri": f"unix:{vms.path('mig.sock')}"})
             s = await src.wait_migration(30)
             d = await dst.wait_migration(30)
             assert s["status"] == "failed"
             assert d["status"] == "failed"
-            assert d["error-desc"] == ("Capability 'backend-transfer' is on on the source "
-                                       "but off on the destination")
+            assert d["error-desc"] == error
             assert await status(src) == "running"
             assert await status(dst) == "inmigrate"
             # The source kept every backend: the same memfd, the same connected sockets.

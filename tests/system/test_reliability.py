@@ -41,6 +41,12 @@ from migfd.peers.frames import FrameProbe
 
 PHASES = ["setup", "precopy-1", "precopy-2", "device", "device-ram1", "device-net0",
           "device-ch0", "before-ack", "after-ack"]
+#: rows run with x-early-fds (the fds go during setup): the phases where the order matters,
+#: from the fds at the destination while the source runs to the commit point
+EARLY = " (x-early-fds)"
+EARLY_PHASES = ["early-fds", "precopy-1" + EARLY, "device" + EARLY, "device-ch0" + EARLY,
+                "before-ack" + EARLY, "after-ack" + EARLY]
+ROWS = PHASES + EARLY_PHASES
 FAULTS = ["kill-destination", "close-source-channel", "close-destination-channel",
           "corrupt-byte", "stall-destination", "migrate-cancel"]
 #: the phases after the commit point (the source's receipt of the PONG)
@@ -93,8 +99,15 @@ class Outcome:
     destination: str  #: the destination's, or "gone" (its process is dead)
 
 
-def expected(phase: str, fault: str) -> Outcome:
-    """The outcome the design promises for ``fault`` at ``phase``."""
+def hook_of(row: str) -> tuple[str, bool]:
+    """(the migration phase the fault is armed at, whether the row runs with x-early-fds)."""
+    return row.removesuffix(EARLY), row in EARLY_PHASES
+
+
+def expected(row: str, fault: str) -> Outcome:
+    """The outcome the design promises for ``fault`` at ``row``'s phase (the same whichever
+    order the fds travel in: before the commit point the source owns every backend either way)."""
+    phase, _ = hook_of(row)
     if phase not in AFTER_COMMIT:
         return Outcome("source", "rollback",
                        "cancelled" if fault == "migrate-cancel" else "failed",
@@ -123,7 +136,7 @@ RESULTS: dict[tuple[str, str], CellResult | str] = {}  # a string: the cell was 
 
 
 def _cells():
-    for phase in PHASES:
+    for phase in ROWS:
         for fault in FAULTS:
             marks = []
             if phase == "device-net0" and not HAVE_TAP:
@@ -238,12 +251,13 @@ async def _status(vm) -> tuple[str | None, str | None, str]:
     return state["status"], mig.get("status"), mig.get("error-desc", "")
 
 
-async def run_cell(vms, tap, phase: str, fault: str, break_resume: bool = False) -> CellResult:
-    """Migrate with ``fault`` injected at ``phase``; check everything the design promises.
+async def run_cell(vms, tap, row: str, fault: str, break_resume: bool = False) -> CellResult:
+    """Migrate with ``fault`` injected at ``row``'s phase; check everything the design promises.
 
     ``break_resume`` makes the destination fail where it would resume the
     guest (a fault at its ``dest-eof``): the matrix must then fail.
     """
+    phase, early = hook_of(row)
     d = vms.workdir
     chardev_path, mig_path = f"{d}/ch0.sock", f"{d}/mig.sock"
     devices = dict(
@@ -252,7 +266,7 @@ async def run_cell(vms, tap, phase: str, fault: str, break_resume: bool = False)
         chardevs=(f"socket,id=ch0,path={chardev_path},server=on,backend-transfer=on",),
         netdevs=("tap,id=net0,ifname=rtap0,backend-transfer=on",) if tap else (),
         dirty_rate_bytes_s=4 << 20, netns=tap)
-    want = expected(phase, fault)
+    want = expected(row, fault)
     src = await vms.start("src", **devices)
     dst = await vms.start("dst", incoming="defer", **devices)
     client = ChardevClient(chardev_path, rate_per_s=500)
@@ -268,7 +282,7 @@ async def run_cell(vms, tap, phase: str, fault: str, break_resume: bool = False)
         # long enough (~0.1 s for 8 MiB) for the guest to dirty pages whose expected
         # downtime is over the limit of 0 ms, however busy the machine.
         params = {"backend-transfer": True, "downtime-limit": 0, "x-max-iterations": 2,
-                  "x-channel-timeout-ms": TIMEOUT_MS, "max-bandwidth": MAX_BANDWIDTH}
+                  "x-channel-timeout-ms": TIMEOUT_MS, "max-bandwidth": MAX_BANDWIDTH, "x-early-fds": early}
         for vm in (src, dst):
             await vm.execute("migrate-set-parameters", params)
         await dst.execute("migrate-incoming", {"uri": f"unix:{mig_path}"})
@@ -330,6 +344,8 @@ async def run_cell(vms, tap, phase: str, fault: str, break_resume: bool = False)
         if want.destination == "gone":
             assert dst.proc.returncode == -signal.SIGKILL
         assert source.get("x-committed", False) == (phase in AFTER_COMMIT), source
+        if early:
+            assert "early-fds" in {p["phase"] for p in source["x-timeline"]}, "the fds did not go early"
         if runs != "source":
             assert src_state == "postmigrate", "after the commit point the source never resumes"
 
@@ -403,7 +419,7 @@ def test_the_committed_table_is_the_design():
     if WRITE_DOC:
         pytest.skip("docs/RELIABILITY.md is being written by this run")
     documented = read_doc()
-    assert set(documented) == {(p, f) for p in PHASES for f in FAULTS}
+    assert set(documented) == {(p, f) for p in ROWS for f in FAULTS}
     for (phase, fault), outcome in documented.items():
         assert outcome is None or outcome == expected(phase, fault), (phase, fault, outcome)
     text = DOC.read_text()
@@ -462,7 +478,7 @@ def read_doc() -> dict[tuple[str, str], Outcome | None]:
 
 def _grid(outcomes: dict[tuple[str, str], Outcome | None]) -> str:
     lines = ["| phase | " + " | ".join(FAULTS) + " |", "|---|" + "---|" * len(FAULTS)]
-    for phase in PHASES:
+    for phase in ROWS:
         cells = []
         for fault in FAULTS:
             o = outcomes[(phase, fault)]
@@ -481,7 +497,10 @@ def render_doc(results: dict[tuple[str, str], CellResult | str]) -> str:
         "memfd, a chardev" + (" and a TAP carrying 5,000 numbered frames/s" if HAVE_TAP else "")
         + ", while another RAM block is copied. Each cell injected one fault at one phase of the "
         "source's migration (`after-ack` is the first after the commit point, the source's "
-        "receipt of the PONG that acknowledges the loaded state).",
+        "receipt of the PONG that acknowledges the loaded state). The rows marked "
+        "`(x-early-fds)`, and `early-fds` (right after the fds went), run with x-early-fds: the "
+        "fds go during setup, and the destination validates and adopts them while the source's "
+        "guest still runs on the same backends; they repeat the phases where that order matters.",
         "",
         "Each cell asserted the one outcome the design promises for it: who runs the guest, and "
         "the final migration status of each side; never do both run. Whatever the outcome, every "
@@ -506,7 +525,7 @@ def render_doc(results: dict[tuple[str, str], CellResult | str]) -> str:
               "The source's and the destination's final migration status, with the error each "
               "reported; `gone`: the process was killed.", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for phase in PHASES:
+    for phase in ROWS:
         for fault in FAULTS:
             r = results[(phase, fault)]
             if isinstance(r, str):
@@ -523,7 +542,7 @@ def render_doc(results: dict[tuple[str, str], CellResult | str]) -> str:
 def teardown_module(module):
     if not WRITE_DOC:
         return
-    missing = [f"{p} x {f}" for p in PHASES for f in FAULTS if (p, f) not in RESULTS]
+    missing = [f"{p} x {f}" for p in ROWS for f in FAULTS if (p, f) not in RESULTS]
     if missing:
         raise AssertionError(f"MIGFD_WRITE_RELIABILITY=1 writes docs/RELIABILITY.md from the whole "
                              f"matrix; these cells did not pass: {', '.join(missing)}")

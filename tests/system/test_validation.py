@@ -9,10 +9,11 @@ import socket
 import pytest
 
 from helpers import connect_as_source, needs_tap, proc_fds, run_vm_test, wait_until
-from migfd.channel import QEMUFile
-from migfd.devices.chardev import adopt_socket_fd
+from migfd.channel import SCM_MAX_FD, QEMUFile
+from migfd.devices.chardev import ChardevSocket, adopt_socket_fd
 from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd
 from migfd.devices.tap import validate_tap_fds
+from migfd.fds import close_fds
 from migfd.errors import MigrationError
 from migfd.migration import MIGRATION_SECTION, MIGRATION_VMSD
 from migfd.migration.base import read_rp
@@ -198,6 +199,44 @@ def test_destination_refuses_a_pipe_in_place_of_guest_ram_and_closes_it(vms, thr
     run_vm_test(vms, body)
 
 
+def test_large_fd_batches_to_a_destination_that_takes_16_fail_and_every_fd_is_closed(vms, thread_accel):
+    """A source (played by the test) lists x-fds-per-message and sends 253 fds in the message that
+    carries its configuration, so that they reach the destination with it; the destination, at
+    QEMU's 16, refuses at the configuration and closes every one of them. The test's own fd table
+    ends as it began.
+    """
+    async def body():
+        dst, f = await _fake_source(vms)
+        mine = len(os.listdir("/proc/self/fd")) - 1  # the source's socket closes below
+        before = proc_fds(dst.pid)
+        sent = [os.memfd_create("large-batch") for _ in range(SCM_MAX_FD)]
+        try:
+            f.fds_per_message = SCM_MAX_FD
+            writer = StreamWriter(f)
+            writer.write_header()
+            writer.write_configuration("migfd-pc", ("backend-transfer", "x-fds-per-message"))
+            for fd in sent:
+                f.put_fd(fd)
+            f.flush()
+            assert (f.fd_messages, f.fds_sent) == (1, SCM_MAX_FD)
+            info = await dst.wait_migration(30)
+            assert info["status"] == "failed"
+            assert info["error-desc"] == ("Capability 'x-fds-per-message' is on on the source (more than 16 "
+                                          "fds in one message) but off on the destination (x-fds-per-message 16)")
+            assert not [link for link in before if "large-batch" in link]
+            await wait_until(lambda: not [link for link in proc_fds(dst.pid) if "large-batch" in link],
+                             what="destination closing the fds it received")
+            assert len(proc_fds(dst.pid)) <= len(before)
+            assert (await dst.execute("query-status"))["status"] == "inmigrate"
+        finally:
+            f.close()
+            close_fds(sent)
+        # fd numbers of the QMP client may change meanwhile, not how many there are
+        assert len(os.listdir("/proc/self/fd")) == mine
+
+    run_vm_test(vms, body)
+
+
 @pytest.mark.parametrize("after_eof", [
     bytes([0x06]) + (9).to_bytes(4, "big") + b"not json!",  # a device description that is no JSON
     bytes([0x02]),  # another section where the description belongs
@@ -223,5 +262,46 @@ def test_a_bad_device_description_after_eof_does_not_fail_a_valid_state(vms, thr
         finally:
             f.close()
             os.close(ram)
+
+    run_vm_test(vms, body)
+
+
+def test_an_early_fds_destination_refuses_a_device_whose_fds_never_came(vms, thread_accel):
+    """x-early-fds: a chardev section (the source is played by the test) that came neither early
+    with its fds nor with them at the switchover. The destination must fail, not listen on the
+    path by itself, which the source's chardev holds."""
+    path = vms.path("ch0.sock")
+
+    async def body():
+        dst = await vms.start("dst", incoming="defer",
+                              chardevs=(f"socket,id=ch0,path={path},server=on,backend-transfer=on",))
+        params = MigrationParameters(backend_transfer=True, x_early_fds=True)
+        await dst.execute("migrate-set-parameters", {"backend-transfer": True, "x-early-fds": True})
+        mig = vms.path("mig.sock")
+        await dst.execute("migrate-incoming", {"uri": f"unix:{mig}"})
+        await wait_until(lambda: os.path.exists(mig), what="destination listening")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(mig)
+        f = QEMUFile.from_socket(sock, "fake-source")
+        try:
+            w = StreamWriter(f)
+            w.write_header()
+            w.write_configuration("migfd-pc", params.capabilities())
+            w.write_open_return_path()
+            w.write_switchover_start()
+            dev = ChardevSocket("ch0", path, backend_transfer=True)
+            w.write_section_full(dev.section_name, 0, dev.vmsd, {
+                "path": path.encode(), "connected": False, "lines_echoed": 0, "pending": b"",
+                "listener_fd": None, "client_fd": None})
+            w.write_section_full(MIGRATION_SECTION, 0, MIGRATION_VMSD, {"stop_ns": 1, "running": True})
+            w.write_ping(7)
+            f.flush()
+            info = await dst.wait_migration(30)
+            assert info["status"] == "failed"
+            assert info["error-desc"] == ("section 'ch0/chardev-socket': no fds arrived, neither early "
+                                          "nor at the switchover")
+            assert not os.path.exists(path), "the destination listens on the source's chardev path"
+        finally:
+            f.close()
 
     run_vm_test(vms, body)

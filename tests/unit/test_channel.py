@@ -146,10 +146,16 @@ def test_bytes_and_fds_come_back_in_order(items, src_bufsize, dst_bufsize, batch
     assert open_fd_names() == before
 
 
-@pytest.mark.parametrize("batch_fds", [False, True])
-def test_a_thousand_fds_in_order(no_fd_leak, batch_fds):
+@pytest.mark.parametrize("batching, per_message", [
+    ({"batch_fds": False}, 1),
+    ({"batch_fds": True}, MAX_FDS_PER_MESSAGE),
+    ({"batch_fds": True, "fds_per_message": SCM_MAX_FD}, SCM_MAX_FD),
+    ({"batch_fds": False, "fds_per_message": SCM_MAX_FD}, 1),  # unbatched ignores the size
+], ids=["unbatched", "batched", "batched-253", "unbatched-253"])
+def test_a_thousand_fds_in_order(no_fd_leak, batching, per_message):
+    """Whatever the batch, fds read back in the order sent; the receiver needs no setting for 253 a read."""
     count = 1000
-    src, dst = channel_pair(src={"batch_fds": batch_fds})
+    src, dst = channel_pair(src=batching)
     sent = [os.memfd_create(f"fd-{i:04d}") for i in range(count)]
     received: list[int] = []
     try:
@@ -166,8 +172,7 @@ def test_a_thousand_fds_in_order(no_fd_leak, batch_fds):
             assert memfd_name(fd) == f"/memfd:fd-{i:04d} (deleted)"
         sender.result()
         assert dst.fds_received == src.fds_sent == count
-        expected_messages = -(-count // MAX_FDS_PER_MESSAGE) if batch_fds else count
-        assert src.fd_messages == expected_messages
+        assert src.fd_messages == -(-count // per_message)
     finally:
         src.close()
         dst.close()
@@ -318,6 +323,52 @@ def test_get_fd_plain_service_byte_without_fd(no_fd_leak):
     finally:
         src.close()
         dst.close()
+
+
+def test_a_batch_of_scm_max_fd_fds_is_one_sendmsg(no_fd_leak):
+    """fds_per_message=253: the bytes before the fds, their service bytes and all 253 fds in one message.
+
+    The receiving end is a bare recvmsg: a read never takes the fds of two
+    sendmsg calls (the kernel ends a read after a message with fds), so one
+    read that returns every fd and every byte up to the last service byte
+    proves one message.
+    """
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    src = QEMUFile.from_socket(a, "src", fds_per_message=SCM_MAX_FD)
+    sent = [os.memfd_create(f"big-{i:03d}") for i in range(SCM_MAX_FD)]
+    received: list[int] = []
+    try:
+        src.put_buffer(b"head")
+        for fd in sent:
+            src.put_fd(fd)
+        src.put_buffer(b"tail")
+        src.flush()
+        assert (src.fd_messages, src.fds_sent) == (1, SCM_MAX_FD)
+        data, ancdata, flags, _ = b.recvmsg(4096, socket.CMSG_SPACE(SCM_MAX_FD * 4), socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancdata:
+            assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            received += array.array("i", payload)
+        assert not flags & socket.MSG_CTRUNC
+        assert data == b"head" + b"\x20" * SCM_MAX_FD  # the 253rd fd sent the buffer
+        assert [memfd_name(fd) for fd in received] == [f"/memfd:big-{i:03d} (deleted)" for i in range(SCM_MAX_FD)]
+        assert [identity(fd) for fd in received] == [identity(fd) for fd in sent]
+        assert b.recv(4096) == b"tail"
+    finally:
+        src.close()
+        b.close()
+        close_all(received)
+        close_all(sent)
+
+
+@pytest.mark.parametrize("per_message", [0, SCM_MAX_FD + 1])
+def test_a_batch_beyond_the_kernel_limit_is_refused(per_message):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with pytest.raises(ValueError, match=f"fds_per_message must be 1 to 253, not {per_message}"):
+            QEMUFile.from_socket(a, "src", fds_per_message=per_message)
+    finally:
+        a.close()
+        b.close()
 
 
 def test_ctrunc_is_fatal_and_leaks_nothing(no_fd_leak):

@@ -185,6 +185,15 @@ def test_target_per_fd_cost_interval_comes_from_the_trials():
     assert t["verdict"] == "inconclusive"
 
 
+def test_target_per_fd_cost_judges_the_default_batch_and_shows_the_large_one():
+    # batched-253 (x-fds-per-message) is cheaper per fd, but the default configuration is judged
+    t = verdict(table(fd_count_rows(2.1) + fd_count_rows(0.5, "batched-253") + fd_floor_rows()), "per-fd-cost")
+    assert t["measured"] == pytest.approx(2.1) and t["verdict"] == "fail"
+    assert t["detail"].startswith("batched: slope")
+    assert "; batched-253 (x-fds-per-message, migfd to migfd): 0.5" in t["detail"]
+    assert "batched-253" not in verdict(table(fd_count_rows(2.1) + fd_floor_rows()), "per-fd-cost")["detail"]
+
+
 def test_target_vs_qemu_is_strict_and_takes_qemus_faster_mode():
     fd = with_outage(ram_rows("fd-passing", 64 * MiB, [10, 10, 10]), [10, 10, 10])
     assert verdict(table(fd + qemu_rows([20, 20])), "vs-qemu")["verdict"] == "pass"

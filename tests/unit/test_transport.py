@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import tempfile
+from dataclasses import replace
 
 import pytest
 
@@ -295,6 +296,25 @@ def test_connect_outgoing_fd_of_unix_socket_with_backend_transfer(no_fd_leak):
         b.close()
 
 
+@pytest.mark.parametrize("params, per_message", [(ON, 16), (replace(ON, x_fds_per_message=253), 253)])
+def test_connect_outgoing_batches_as_many_fds_as_x_fds_per_message(no_fd_leak, params, per_message):
+    with tempfile.TemporaryDirectory() as tmp:
+        listener = IncomingListener(UnixAddress(os.path.join(tmp, "m.sock")), params)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channels = []
+        try:
+            channels.append(connect_outgoing(listener.address, params))
+            channels.append(listener.accept())
+            channels.append(connect_outgoing(FdAddress(a.fileno()), params))
+            assert [c.fds_per_message for c in channels] == [per_message, 16, per_message]
+        finally:
+            for c in channels:
+                c.close()
+            listener.close()
+            a.close()
+            b.close()
+
+
 def test_connect_outgoing_to_nobody_is_a_transport_error(tmp_path):
     with pytest.raises(TransportError, match="Failed to connect"):
         connect_outgoing(UnixAddress(str(tmp_path / "absent.sock")), ON)
@@ -455,12 +475,34 @@ def test_parameters_updated():
     ({"backend-transfer": 1}, "Parameter 'backend-transfer' expects a boolean"),
     ({"backend-transfer": "on"}, "Parameter 'backend-transfer' expects a boolean"),
     ({"x-batch-fds": 0}, "Parameter 'x-batch-fds' expects a boolean"),
+    ({"x-fds-per-message": 0}, "Parameter 'x-fds-per-message' expects a value between 1 and 253"),
+    ({"x-fds-per-message": -1}, "Parameter 'x-fds-per-message' expects a value between 1 and 253"),
+    ({"x-fds-per-message": 254}, "Parameter 'x-fds-per-message' expects a value between 1 and 253"),
+    ({"x-fds-per-message": True}, "Parameter 'x-fds-per-message' expects an integer"),
+    ({"x-fds-per-message": "253"}, "Parameter 'x-fds-per-message' expects an integer"),
     ({"no-such-thing": 1}, "Parameter 'no-such-thing' is unexpected"),
 ])
 def test_parameters_updated_type_errors(args, words):
     with pytest.raises(MigrationError) as info:
         OFF.updated(args)
     assert str(info.value) == words
+
+
+@pytest.mark.parametrize("value", [1, 16, 17, 253])
+def test_x_fds_per_message_takes_1_to_253(value):
+    params = ON.updated({"x-fds-per-message": value})
+    assert params.x_fds_per_message == value
+    assert params.to_qmp()["x-fds-per-message"] == value
+
+
+def test_x_fds_per_message_is_a_capability_only_when_the_source_may_send_more_than_qemu_reads():
+    assert MigrationParameters().x_fds_per_message == 16
+    large = {"x-fds-per-message": 17}
+    assert ON.updated(large).capabilities() == ("backend-transfer", "x-fds-per-message")
+    # 16 a message, no fds at all, or one fd a message: a stream QEMU reads, no capability
+    assert ON.updated({"x-fds-per-message": 16}).capabilities() == ("backend-transfer",)
+    assert OFF.updated(large).capabilities() == ()
+    assert ON.updated({**large, "x-batch-fds": False}).capabilities() == ("backend-transfer",)
 
 
 def test_parameters_updated_is_all_or_nothing():
@@ -488,6 +530,34 @@ def test_check_capabilities_off_at_source_on_here():
                                "but on on the destination")
 
 
+LARGE = replace(ON, x_fds_per_message=253)
+
+
+def test_check_capabilities_large_fd_batches_need_the_destinations_consent():
+    check_capabilities(LARGE, ("backend-transfer", "x-fds-per-message"))
+    check_capabilities(replace(ON, x_fds_per_message=17), ("backend-transfer", "x-fds-per-message"))
+    # one way: a destination that takes large batches reads small ones too
+    check_capabilities(LARGE, ("backend-transfer",))
+    with pytest.raises(MigrationError) as info:
+        check_capabilities(ON, ("backend-transfer", "x-fds-per-message"))
+    assert str(info.value) == ("Capability 'x-fds-per-message' is on on the source (more than 16 fds in "
+                               "one message) but off on the destination (x-fds-per-message 16)")
+
+
 def test_check_capabilities_unknown():
     with pytest.raises(MigrationError, match="Capability 'x-colo' of the source is unknown"):
         check_capabilities(ON, ("backend-transfer", "x-colo"))
+
+
+def test_early_fds_is_a_capability_both_sides_must_share():
+    early = MigrationParameters(backend_transfer=True, x_early_fds=True)
+    assert early.capabilities() == ("backend-transfer", "x-early-fds")
+    # without backend-transfer no fd moves, early or not: nothing to agree on
+    assert MigrationParameters(x_early_fds=True).capabilities() == ()
+    check_capabilities(early, early.capabilities())
+    with pytest.raises(MigrationError) as info:
+        check_capabilities(ON, early.capabilities())
+    assert str(info.value) == "Capability 'x-early-fds' is on on the source but off on the destination"
+    with pytest.raises(MigrationError) as info:
+        check_capabilities(early, ON.capabilities())
+    assert str(info.value) == "Capability 'x-early-fds' is off on the source but on on the destination"

@@ -1,4 +1,10 @@
-"""``fd-count``: 1 to 256 handed-over fds (TAP queues or chardev sockets), fd records batched or not."""
+"""``fd-count``: 1 to 256 handed-over fds (TAP queues or chardev sockets), fd records batched or not.
+
+``batched`` is the default configuration (16 fds a sendmsg, what QEMU's reader
+takes); ``batched-253`` the kernel's limit, which only a migfd destination
+reads (x-fds-per-message on both sides); ``unbatched`` one fd a sendmsg; the
+early variant batched as the default, but before the stop (x-early-fds).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,16 @@ from migfd.bench.scenario import (
     FD_PASSING, STATE_COPY, BenchContext, Plan, TapScenario, Trial, TrialSpec, VMConfig, VMTrial,
     interleave, migration_params, tap_available,
 )
+from migfd.bench.scenarios.fd_order import EARLY
+from migfd.fds import SCM_MAX_FD
+
+#: fd-passing variant -> the fd parameters it sets on both VMs
+VARIANT_PARAMS: dict[str, dict[str, Any]] = {
+    "batched": {"x-batch-fds": True},
+    f"batched-{SCM_MAX_FD}": {"x-batch-fds": True, "x-fds-per-message": SCM_MAX_FD},
+    "unbatched": {"x-batch-fds": False},
+    EARLY: {"x-batch-fds": True, "x-early-fds": True},
+}
 
 
 class FdCountTrial(VMTrial):
@@ -30,7 +46,7 @@ class FdCountTrial(VMTrial):
         return VMConfig(chardevs=chardevs, expected_fds=n)
 
     def params(self) -> dict[str, Any]:
-        return migration_params(self.spec, self.ctx, **{"x-batch-fds": self.spec.variant == "batched"})
+        return migration_params(self.spec, self.ctx, **VARIANT_PARAMS.get(self.spec.variant, {}))
 
     async def after_cleanup(self) -> None:
         self.scenario.remove_tap(self.ifname)
@@ -39,8 +55,9 @@ class FdCountTrial(VMTrial):
 class FdCount(TapScenario):
     name = "fd-count"
     description = ("1 to 256 handed-over fds (queues of a multi-queue TAP as root, listening "
-                   "chardev sockets otherwise), fd records batched (up to 16 per sendmsg) and "
-                   "unbatched; state copy of the same VM for comparison")
+                   "chardev sockets otherwise), fd records batched (up to 16 per sendmsg, and up "
+                   f"to {SCM_MAX_FD} between two migfd VMs), unbatched, and batched before the stop "
+                   "(x-early-fds); state copy of the same VM for comparison")
 
     COUNTS = [1, 4, 16, 64, 256]
     QUICK_COUNTS = [1, 16, 256]
@@ -59,7 +76,8 @@ class FdCount(TapScenario):
         counts = self.QUICK_COUNTS if ctx.quick else self.COUNTS
         n = ctx.n_trials(4, 2)
         modes = [{"mode": FD_PASSING, "variant": "batched"}, {"mode": STATE_COPY, "variant": ""},
-                 {"mode": FD_PASSING, "variant": "unbatched"}]
+                 {"mode": FD_PASSING, "variant": "unbatched"}, {"mode": FD_PASSING, "variant": EARLY},
+                 {"mode": FD_PASSING, "variant": f"batched-{SCM_MAX_FD}"}]
         specs = [TrialSpec(self.name, item["mode"], item["trial"], variant=item["variant"],
                            backend=self.backend, ram_bytes=0, n_fds=item["n"], dirty_rate_bytes_s=0,
                            live=True)

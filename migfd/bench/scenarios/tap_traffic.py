@@ -29,7 +29,7 @@ class TapTrafficTrial(VMTrial):
         self.ifname = self.scenario.new_tap()
 
     def config(self) -> VMConfig:
-        return VMConfig(objects=(ram_object(TRAFFIC_VM_RAM, self.spec.options["fill"]),),
+        return VMConfig(objects=(ram_object(self.spec.ram_bytes or TRAFFIC_VM_RAM, self.spec.options["fill"]),),
                         netdevs=(f"tap,id=net0,ifname={self.ifname},backend-transfer=on",),
                         chardevs=(f"socket,id=ch0,path={self.workdir}/ch0.sock,server=on,backend-transfer=on",),
                         dirty_rate_bytes_s=DIRTY_RATE, netns=self.scenario.netns, expected_fds=3)
