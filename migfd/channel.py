@@ -22,7 +22,9 @@ A state copy's pages take no copy in user space on their way: the source
 hands :meth:`QEMUFile.put_buffers` record headers and views of guest RAM,
 sent by sendmsg with many buffers; the destination's reader lends the
 channel the free end of its buffer and :meth:`QEMUFile.read_into` receives
-into it.
+into it. Bytes whose place is known before they arrive (the pages of a
+multifd-style packet) go straight there: :meth:`QEMUFile.read_into_buffers`
+receives into many buffers at once (recvmsg_into), e.g. views of guest RAM.
 
 A socket stays in blocking mode: a bound on a write is the kernel's
 SO_SNDTIMEO, and a read first polls (bounded) only when nothing is there, so
@@ -409,12 +411,12 @@ class QEMUFile:
                 nbytes = self._file.readinto(buffer) or 0
                 fds: list[int] = []
             else:
-                got = self._recvmsg(buffer)
+                got = self._recvmsg([buffer])
                 while got is None:
                     if not block:
                         return None
                     self.wait_readable()
-                    got = self._recvmsg(buffer)
+                    got = self._recvmsg([buffer])
                 nbytes, fds = got
         except TimeoutError as exc:
             raise self._io_error("timed out waiting for data") from exc
@@ -440,14 +442,14 @@ class QEMUFile:
             raise self._io_error("timed out waiting for data") from TimeoutError(
                 f"nothing to read within {self._timeout_s} s")
 
-    def _recvmsg(self, buffer: memoryview) -> tuple[int, list[int]] | None:
-        """One non-blocking read into ``buffer``; None when nothing has arrived."""
+    def _recvmsg(self, buffers: list) -> tuple[int, list[int]] | None:
+        """One non-blocking read into ``buffers``, in order; None when nothing has arrived."""
         assert self._sock is not None
         try:
             if not self.supports_fds:
-                return self._sock.recv_into(buffer, 0, _MSG_DONTWAIT), []
+                return self._sock.recvmsg_into(buffers, 0, _MSG_DONTWAIT)[0], []
             start = time.monotonic_ns()
-            nbytes, ancdata, flags, _ = self._sock.recvmsg_into([buffer], _ANCBUF, _RECV_FLAGS)
+            nbytes, ancdata, flags, _ = self._sock.recvmsg_into(buffers, _ANCBUF, _RECV_FLAGS)
         except BlockingIOError:
             return None
         fds: list[int] = []
@@ -480,6 +482,57 @@ class QEMUFile:
         fds = list(self._rfds)
         self._rfds.clear()
         return nbytes, fds
+
+    def read_into_buffers(self, buffers: Sequence[memoryview]) -> None:
+        """Fill every one of ``buffers`` (writable byte views), in order, with the next bytes.
+
+        For bytes whose place is known before they arrive, e.g. a packet's
+        pages and views of guest RAM: one recvmsg_into takes up to
+        :data:`IOV_MAX` of them, nothing is copied on the way. Bytes the
+        channel holds already come first; fds that arrive meanwhile queue for
+        the next :meth:`read_into`. The end of the stream before they are full
+        is a :class:`ChannelBrokenError`.
+        """
+        views = [b for b in buffers if len(b)]
+        first = 0
+        while first < len(views) and self._rpos < len(self._rbuf):
+            n = min(len(views[first]), len(self._rbuf) - self._rpos)
+            views[first][:n] = self._rbuf[self._rpos:self._rpos + n]
+            self._rpos += n
+            views[first] = views[first][n:]
+            first += not len(views[first])
+        while first < len(views):
+            self._check_open()
+            chunk = views[first:first + IOV_MAX]
+            try:
+                if self._sock is None:
+                    assert self._file is not None
+                    nbytes, fds = os.readv(self._file.fileno(), chunk), []
+                else:
+                    got = self._recvmsg(chunk)
+                    while got is None:
+                        self.wait_readable()
+                        got = self._recvmsg(chunk)
+                    nbytes, fds = got
+            except TimeoutError as exc:
+                raise self._io_error("timed out waiting for data") from exc
+            except OSError as exc:
+                raise self._io_error(f"read failed: {exc.strerror or exc}") from exc
+            self._rfds.extend(fds)
+            self.fds_received += len(fds)
+            if not nbytes:
+                self._eof = True
+                missing = sum(map(len, views[first:]))
+                raise self._io_error(f"end of stream, {missing} more bytes expected")
+            self.bytes_received += nbytes
+            # Skip the buffers the read filled, cut the one it filled in part.
+            while nbytes:
+                n = min(nbytes, len(views[first]))
+                views[first] = views[first][n:]
+                nbytes -= n
+                first += not len(views[first])
+            if len(self._rfds) > MAX_QUEUED_FDS:
+                raise ChannelError(f"{self.name}: more than {MAX_QUEUED_FDS} fds received and not claimed")
 
     def read_chunk(self, block: bool = True) -> tuple[bytes | memoryview, list[int]] | None:
         """What has arrived: buffered bytes and queued fds, reading once if there are none.

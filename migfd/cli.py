@@ -41,6 +41,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _parameter(text: str) -> tuple[str, object]:
+    """``NAME=JSON`` of ``--set-parameter``: a QMP parameter name and its value."""
+    name, sep, value = text.partition("=")
+    try:
+        if not (name and sep):
+            raise ValueError
+        return name, json.loads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON (e.g. x-multifd-packets=true), not {text!r}") from None
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from migfd.results.report import main
 
@@ -90,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a QEMU binary for qemu-peer beside the system's (repeatable; also $MIGFD_QEMU, "
                         "colon-separated)")
     p.add_argument("--out", help="output directory (default benchmarks/results/<UTC>-<host>/)")
+    p.add_argument("--set-parameter", action="append", dest="extra_params", metavar="NAME=JSON",
+                   type=_parameter, help="add to every migfd migrate-set-parameters, e.g. "
+                                         "x-multifd-packets=true (repeatable; recorded in the run's metadata)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("report", help="run the benchmark and write an HTML report")

@@ -19,6 +19,7 @@ from typing import Any
 
 from migfd.errors import MigrationError
 from migfd.fds import MAX_FDS_PER_MESSAGE, SCM_MAX_FD
+from migfd.stream.constants import X_MULTIFD_PACKETS
 from migfd.units import MiB
 
 #: SCHED_FIFO priority of a migration thread inside the switchover with
@@ -48,6 +49,10 @@ class MigrationParameters:
     #: batched, fds a sendmsg carries at most: QEMU's reader takes 16, a migfd
     #: destination with this parameter above 16 up to SCM_MAX_FD (capability below)
     x_fds_per_message: int = MAX_FDS_PER_MESSAGE
+    #: a state copy sends RAM as multifd-style packets (a header of page offsets,
+    #: then the pages: migfd.stream.multifd), received straight into guest RAM;
+    #: migfd only (QEMU cannot read them), so both sides must set it
+    x_multifd_packets: bool = False
     #: bound on every blocking read or write of the migration channel, in ms
     x_channel_timeout_ms: int = 30_000
     #: the migration thread runs under SCHED_FIFO (at SWITCHOVER_RT_PRIORITY, below the
@@ -91,17 +96,20 @@ class MigrationParameters:
     def capabilities(self) -> tuple[str, ...]:
         """Capabilities the configuration section lists, so a peer can check them.
 
-        Without backend-transfer no fd moves: nothing to agree on. A source
-        that sends one fd a message, or 16 at most, lists no
-        x-fds-per-message: its stream stays readable by QEMU.
+        Without backend-transfer no fd moves: nothing about fds to agree on. A
+        source that sends one fd a message, or 16 at most, lists no
+        x-fds-per-message: its stream stays readable by QEMU. x-multifd-packets
+        is about the RAM a state copy sends, with or without backend-transfer.
         """
-        if not self.backend_transfer:
-            return ()
-        caps = ["backend-transfer"]
-        if self.x_early_fds:
-            caps.append("x-early-fds")
-        if self.x_batch_fds and self.large_fd_batches:
-            caps.append(FDS_PER_MESSAGE_CAPABILITY)
+        caps = []
+        if self.backend_transfer:
+            caps.append("backend-transfer")
+            if self.x_early_fds:
+                caps.append("x-early-fds")
+            if self.x_batch_fds and self.large_fd_batches:
+                caps.append(FDS_PER_MESSAGE_CAPABILITY)
+        if self.x_multifd_packets:
+            caps.append(X_MULTIFD_PACKETS)
         return tuple(caps)
 
 
@@ -109,7 +117,7 @@ class MigrationParameters:
 _RANGES = {"x_fds_per_message": (1, SCM_MAX_FD)}
 
 #: Capabilities whose setting must agree on both sides.
-VALIDATED_CAPABILITIES = ("backend-transfer", "x-early-fds")
+VALIDATED_CAPABILITIES = ("backend-transfer", "x-early-fds", X_MULTIFD_PACKETS)
 #: Listed by a source whose fd messages may carry more than QEMU's 16 fds; a
 #: destination takes it only with its own x-fds-per-message above 16 (one way:
 #: a destination that allows large batches reads small ones as well).

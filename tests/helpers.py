@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from migfd.accel.kvm import probe as kvm_probe
+from migfd.channel import QEMUFile
 from migfd.net.tun import TUN_DEVICE_PATH
 from migfd.peers import tapnet
 from migfd.peers.process import VMProcess, proc_fds
@@ -111,6 +112,20 @@ async def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, poll
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout_s} s")
         await asyncio.sleep(poll_s)
+
+
+async def connect_as_source(vms: "VMGroup", objects: tuple[str, ...],
+                            params: dict[str, Any]) -> tuple[VMProcess, QEMUFile]:
+    """A destination VM with ``objects`` and ``params``, listening; and the test's socket connected
+    to it as the source: (the destination, the source's QEMUFile)."""
+    dst = await vms.start("dst", incoming="defer", objects=objects)
+    await dst.execute("migrate-set-parameters", params)
+    path = vms.path("mig.sock")
+    await dst.execute("migrate-incoming", {"uri": f"unix:{path}"})
+    await wait_until(lambda: os.path.exists(path), what="destination listening")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return dst, QEMUFile.from_socket(sock, "fake-source")
 
 
 def memfd_inodes(pid: int) -> set[int]:

@@ -392,6 +392,22 @@ class MemoryBackendMemfd(Device):
                 ram[stale] = 0
         del ram
 
+    def page_views(self, offsets: np.ndarray) -> list[memoryview]:
+        """Destination: writable views of guest RAM for the pages at byte ``offsets``, in
+        order, one per run of neighbouring pages: a packet's pages are received into them.
+
+        The caller releases every view (the mapping cannot close while one is held).
+        """
+        assert self.map is not None
+        index = (offsets // PAGE).astype(np.intp)
+        breaks = (np.flatnonzero(np.diff(index) != 1) + 1).tolist()
+        ram = memoryview(self.map)
+        try:
+            return [ram[int(index[a]) * PAGE:(int(index[b - 1]) + 1) * PAGE]
+                    for a, b in zip([0, *breaks], [*breaks, len(index)])]
+        finally:
+            ram.release()  # the views keep the mapping exported, not this one
+
     # -- migration ---------------------------------------------------------------
 
     def save_state(self, handover: bool) -> dict[str, Any]:

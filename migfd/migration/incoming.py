@@ -13,8 +13,11 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from migfd.channel import QEMUFile
 from migfd.devices.base import section_key
+from migfd.devices.memfd import MemoryBackendMemfd
 from migfd.errors import ChannelError, MigrationError, StreamError
 from migfd.fds import close_fd
 from migfd.migration.base import (
@@ -36,6 +39,8 @@ from migfd.stream import (
     RamMemSize,
     RamPage,
     RamPageRun,
+    RamPacket,
+    RamPacketPages,
     ReturnPathMessage,
     SectionFooter,
     SectionFull,
@@ -77,6 +82,19 @@ def next_read_bytes(room: int, nbytes: int) -> int:
     return room
 
 
+def fill_views(views: list[memoryview], data: memoryview) -> list[memoryview]:
+    """Copy ``data`` into ``views`` in order; the part of ``views`` it did not fill."""
+    i = 0
+    while len(data):
+        n = min(len(views[i]), len(data))
+        views[i][:n] = data[:n]
+        data = data[n:]
+        if n < len(views[i]):
+            return [views[i][n:], *views[i + 1:]]
+        i += 1
+    return views[i:]
+
+
 class IncomingMigration(MigrationBase):
     """``migrate-incoming`` / ``--incoming``: listen, load, resume at EOF."""
 
@@ -108,6 +126,8 @@ class IncomingMigration(MigrationBase):
         self._read_bytes = READ_BYTES_MIN
         #: EOF has been read: the guest runs once the device description is read too (or the stream ends)
         self._eof = False
+        #: the packet whose pages come next: the RAM they go to and their offsets
+        self._packet: tuple[MemoryBackendMemfd, np.ndarray] | None = None
 
     def _count_refused(self) -> None:
         self.stats.refused_connections += 1
@@ -190,6 +210,9 @@ class IncomingMigration(MigrationBase):
         # Each phase starts where the last one ended (a chain: no hole).
         start = self.stats.setup_done_ns
         while not reader.done:
+            if reader.packet_bytes_pending:
+                self._receive_packet_pages(f)
+                continue
             got = self._receive(f)
             if got is None:
                 f.wait_readable()
@@ -211,7 +234,7 @@ class IncomingMigration(MigrationBase):
                     end_of_stream = True
                     break
                 fed += nbytes
-                if fed >= DRAIN_LIMIT_BYTES:
+                if fed >= DRAIN_LIMIT_BYTES or reader.read_bound() == 0:
                     break
                 got = self._receive(f)
             parse_start = time.monotonic_ns()
@@ -242,6 +265,11 @@ class IncomingMigration(MigrationBase):
         """What has arrived, read by the channel straight into the reader's buffer
         (nothing copied on the way); None when nothing has. ``(0, [])``: end of stream."""
         room = self._read_bytes
+        # Inside a RAM section of packets a read stops where a packet's pages begin:
+        # they go straight into guest RAM (_receive_packet_pages), not into the reader.
+        bound = self.reader.read_bound()
+        if bound:
+            room = min(room, bound)
         buffer = self.reader.get_buffer(room)
         got = None
         try:
@@ -250,9 +278,28 @@ class IncomingMigration(MigrationBase):
             del buffer
             nbytes, fds = got if got is not None else (0, [])
             self.reader.buffer_updated(nbytes, fds)
-        if got is not None:
+        if got is not None and room == self._read_bytes:
             self._read_bytes = next_read_bytes(room, nbytes)
         return got
+
+    def _receive_packet_pages(self, f: QEMUFile) -> None:
+        """The pages of the packet just read, straight into guest RAM: what the reader
+        holds already is copied there, the rest is received there (no buffer between)."""
+        assert self._packet is not None
+        dev, offsets = self._packet
+        views = dev.page_views(offsets)
+        rest: list[memoryview] = []
+        try:
+            with self.reader.take_packet_bytes() as held:
+                rest = fill_views(views, held)
+            pending = self.reader.packet_bytes_pending
+            f.read_into_buffers(rest)
+            self.reader.packet_bytes_read(pending)
+        finally:
+            # No view of guest RAM may outlive this (a failed migration closes the mapping).
+            for view in (*views, *rest):
+                view.release()
+        self._packet = None
 
     def _handle(self, event: Event, start_ns: int, parsed_ns: int) -> None:
         """Act on one event; ``start_ns``..``parsed_ns`` is the time the reader took to parse it."""
@@ -275,6 +322,18 @@ class IncomingMigration(MigrationBase):
                 self.stats.duplicate_pages += len(event)
             else:
                 self.stats.normal_pages += len(event)
+        elif isinstance(event, RamPacket):
+            dev = self._by_block[event.block_id]
+            if len(event.zero):
+                dev.write_pages(event.zero, None)
+            self.stats.duplicate_pages += len(event.zero)
+            self.stats.normal_pages += len(event.normal)
+            if len(event.normal):
+                self._packet = (dev, event.normal)
+        elif isinstance(event, RamPacketPages):
+            # All its pages had arrived with the header: copied from the reader's buffer.
+            self._by_block[event.block_id].write_pages(event.offsets, event.data)
+            self._packet = None
         elif isinstance(event, RamPage):
             self._by_block[event.block_id].write_page(event.offset, event.data, event.fill)
             if event.data is None:

@@ -31,6 +31,7 @@ from migfd.migration.base import (
 )
 from migfd.params import MigrationParameters
 from migfd.stream import PageBatch, RamBlock, ReturnPathMessage, StreamWriter
+from migfd.stream.multifd import header_bytes
 from migfd.stream.ram import nonzero_pages
 from migfd.threads import idle_priority
 from migfd.transport import Address, FileAddress, connect_outgoing
@@ -187,7 +188,8 @@ class OutgoingMigration(MigrationBase):
         """Dirty pages in batches (numpy), paced by max-bandwidth on the bytes that travel.
 
         A zero page costs a 9-byte record, a normal one 8 + 4096 bytes, as in
-        QEMU's rate limit.
+        QEMU's rate limit; in packets (x-multifd-packets) the header and the
+        normal pages.
         """
         start = time.monotonic()
         sent = 0
@@ -204,7 +206,10 @@ class OutgoingMigration(MigrationBase):
                 normal = int(nonzero.sum())
                 self.stats.normal_pages += normal
                 self.stats.duplicate_pages += len(index) - normal
-                sent += normal * (8 + PAGE) + (len(index) - normal) * 9
+                if self.writer.packets:
+                    sent += header_bytes(len(index)) + normal * PAGE
+                else:
+                    sent += normal * (8 + PAGE) + (len(index) - normal) * 9
                 yield PageBatch(dev.block_id, index.astype(np.uint64) * PAGE, rows, nonzero)
                 if paced:
                     self._check_cancel()

@@ -30,12 +30,15 @@ from migfd.stream.events import (
     RamMemSize,
     RamPage,
     RamPageRun,
+    RamPacket,
+    RamPacketPages,
     SectionFooter,
     SectionFull,
     SectionHeader,
     SectionOpaque,
     VMDescription,
 )
+from migfd.stream import multifd
 from migfd.stream.reader import Lookup, StreamReader
 from migfd.stream.vmstate import VMStateDescription
 from migfd.stream.writer import (
@@ -187,6 +190,11 @@ def _records(ev: Event, start: int, end: int, header: SectionHeader | None,
         what = "ZERO" if ev.data is None else "PAGE"
         yield AnnotatedRecord(start, size, "RAM page records", _section(header),
                               f"{len(ev)} {what} records of block '{ev.block_id}', each with CONTINUE")
+    elif isinstance(ev, RamPacket):
+        yield from _packet_header(ev, start, _section(header))
+    elif isinstance(ev, RamPacketPages):
+        yield AnnotatedRecord(start, size, "packet pages", _section(header),
+                              f"{len(ev)} pages of block '{ev.block_id}', back to back, in the header's order")
     elif isinstance(ev, SectionFooter):
         kind = _kind("footer", SectionType.SECTION_FOOTER)
         yield AnnotatedRecord(start, size, kind if ev.type is SectionType.START else f"EOS + {kind}", ev.name,
@@ -204,6 +212,28 @@ def _records(ev: Event, start: int, end: int, header: SectionHeader | None,
         names = ", ".join(d.get("name", "?") for d in ev.description.get("devices", []) if isinstance(d, dict))
         yield AnnotatedRecord(start, size, _kind("vmdesc", SectionType.VMDESCRIPTION), "",
                               f"be32 length + JSON description of: {names}")
+
+
+def _packet_header(ev: RamPacket, start: int, section: str) -> Iterator[AnnotatedRecord]:
+    """A packet header field by field (the layout of :mod:`migfd.stream.multifd`)."""
+    fields = [
+        (8, "packet record word", "be64 RAM_SAVE_FLAG_X_PACKET (0x400), migfd only: a packet follows"),
+        (4, "packet magic", f'be32 0x{multifd.PACKET_MAGIC:08x} ("MFDP")'),
+        (4, "packet version", f"be32 {multifd.PACKET_VERSION}"),
+        (4, "packet flags", "be32 0"),
+        (4, "packet block", f"be32 index of block '{ev.block_id}' in the RAM START's list"),
+        (4, "packet normal pages", f"be32 {len(ev.normal)}: their bytes follow the header"),
+        (4, "packet zero pages", f"be32 {len(ev.zero)}: listed, no bytes"),
+        (8, "packet number", f"be64 {ev.packet_num}"),
+    ]
+    at = start
+    for size, kind, text in fields:
+        yield AnnotatedRecord(at, size, kind, section, text)
+        at += size
+    offsets = ", ".join(f"0x{int(o):x}" for o in [*ev.normal[:4], *ev.zero[:4]])
+    yield AnnotatedRecord(at, start + ev.size - at, "packet offsets", section,
+                          f"be64 x {len(ev)}, normal pages first, then zero pages: {offsets}"
+                          + (", ..." if len(ev.normal) > 4 or len(ev.zero) > 4 else ""))
 
 
 def _section(header: SectionHeader | None) -> str:

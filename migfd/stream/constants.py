@@ -78,6 +78,11 @@ RAM_SAVE_FLAG_XBZRLE = 0x40
 RAM_SAVE_FLAG_HOOK = 0x80
 RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
 RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+#: migfd-only: the record is a multifd-style packet (migfd.stream.multifd). QEMU
+#: keeps its flags at or below 0x200 (1 KiB target pages), so it never sends it.
+RAM_SAVE_FLAG_X_PACKET = 0x400
+#: the migfd capability under which RAM goes in such packets
+X_MULTIFD_PACKETS = "x-multifd-packets"
 
 RAM_SECTION_NAME = "ram"
 RAM_SECTION_VERSION = 4

@@ -136,6 +136,40 @@ class RamPageRun:
 
 
 @dataclass(frozen=True, slots=True)
+class RamPacket:
+    """The header of a multifd-style packet (``x-multifd-packets``, :mod:`migfd.stream.multifd`).
+
+    ``normal`` and ``zero`` are byte offsets (numpy uint64). The bytes of the
+    normal pages follow in the stream, in that order: either the next event
+    (a :class:`RamPacketPages`, once they have all arrived) or, for a caller
+    that receives them straight where they belong,
+    :meth:`StreamReader.take_packet_bytes` and :meth:`StreamReader.packet_bytes_read`.
+    """
+
+    block_id: str
+    packet_num: int
+    normal: Any
+    zero: Any
+    offset: int
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.normal) + len(self.zero)
+
+
+@dataclass(frozen=True, slots=True)
+class RamPacketPages:
+    """The normal pages of the packet before, read by the reader: ``data`` is a (k, 4096) view."""
+
+    block_id: str
+    offsets: Any
+    data: Any
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass(frozen=True, slots=True)
 class CommandRecord:
     """A COMMAND record; ``value`` is the PING value where there is one."""
 
@@ -167,4 +201,4 @@ class VMDescription:
 
 
 Event = (Header | Configuration | SectionHeader | SectionFooter | SectionFull | SectionOpaque
-         | RamMemSize | RamPage | RamPageRun | CommandRecord | EndOfState | VMDescription)
+         | RamMemSize | RamPage | RamPageRun | RamPacket | RamPacketPages | CommandRecord | EndOfState | VMDescription)

@@ -22,6 +22,8 @@ from migfd.stream.events import (
     RamMemSize,
     RamPage,
     RamPageRun,
+    RamPacket,
+    RamPacketPages,
     SectionFooter,
     SectionFull,
     SectionOpaque,
@@ -100,6 +102,10 @@ def _note(s: StreamSummary, item: AnnotatedEvent) -> None:
                            "offset": event.offset, "size": event.size}
     elif isinstance(event, RamMemSize):
         s.ram_blocks = [{"id": b.id, "length": b.length} for b in event.blocks]
+    elif isinstance(event, RamPacket):
+        s.ram_zero_pages += len(event.zero)
+    elif isinstance(event, RamPacketPages):
+        s.ram_normal_pages += len(event)
     elif isinstance(event, RamPageRun):
         if event.data is None:
             s.ram_zero_pages += len(event)

@@ -21,6 +21,7 @@ from migfd.stream.constants import (
     RAM_SAVE_FLAG_MEM_SIZE,
     RAM_SAVE_FLAG_MULTIFD_FLUSH,
     RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_X_PACKET,
     RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
     TARGET_PAGE_BITS,
@@ -287,6 +288,9 @@ def decode_record(cur: Cursor, last_block: str | None,
     for flag, what in _UNSUPPORTED.items():
         if flags & flag:
             raise cur.error(f"RAM record uses {what}, which migfd does not support", at)
+    if flags & RAM_SAVE_FLAG_X_PACKET:
+        raise cur.error("RAM record is a migfd packet, but the configuration did not list "
+                        "the x-multifd-packets capability", at)
     if flags & ~_KNOWN_FLAGS:
         raise cur.error(f"RAM record has unknown flags {flags:#x}", at)
     if flags == RAM_SAVE_FLAG_EOS:

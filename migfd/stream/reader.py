@@ -17,6 +17,14 @@ Fds are queued in arrival order; an fd field takes the oldest one when its
 service byte is parsed. Events hand fds over to the caller, who then owns
 them; :meth:`close` closes any fd still queued.
 
+With ``x-multifd-packets`` in the configuration's capabilities, a RAM
+PART/END may hold packets (:mod:`migfd.stream.multifd`): a :class:`RamPacket`
+event for the header, then the pages' bytes, which the reader yields as a
+:class:`RamPacketPages` once they have all arrived, or which the caller
+receives itself straight into guest RAM (:meth:`take_packet_bytes` for what
+the reader holds already, :meth:`packet_bytes_read` for the rest);
+:meth:`read_bound` says how much a read may take before it would run into them.
+
 A section the reader has no description for is an error, as it is for QEMU's
 loader; only for inspection, ``unknown_sections="delimit"`` makes it a
 :class:`SectionOpaque` instead, cut at its footer (:mod:`migfd.stream.delimit`).
@@ -34,7 +42,9 @@ from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 from migfd.errors import StreamError
 from migfd.fds import close_fds
-from migfd.stream import ram
+import numpy as np
+
+from migfd.stream import multifd, ram
 from migfd.stream.delimit import (
     LOOKAHEAD_BYTES,
     NoFooterWithin,
@@ -49,6 +59,8 @@ from migfd.stream.constants import (
     QEMU_VM_FILE_VERSION,
     RAM_SECTION_NAME,
     RAM_SECTION_VERSION,
+    RAM_SAVE_FLAG_X_PACKET,
+    TARGET_PAGE_SIZE,
     Command,
     SectionType,
 )
@@ -62,6 +74,8 @@ from migfd.stream.events import (
     RamMemSize,
     RamPage,
     RamPageRun,
+    RamPacket,
+    RamPacketPages,
     SectionFooter,
     SectionFull,
     SectionHeader,
@@ -107,6 +121,7 @@ class _State(enum.Enum):
     TOP = "top"  #: expecting a top-level record
     RAM_START = "ram-start"  #: inside a RAM START: the block list
     RAM_RECORDS = "ram-records"  #: inside a RAM PART/END: page records until EOS
+    RAM_PACKET_PAGES = "ram-packet-pages"  #: the page bytes of a packet
     FOOTER = "footer"  #: expecting the footer of the open section
     AFTER_EOF = "after-eof"  #: expecting the vmdesc, or the end
     DONE = "done"  #: nothing more may come
@@ -115,6 +130,7 @@ class _State(enum.Enum):
 # Reading a member off an Enum class costs ~0.2 µs in Python 3.11, and the
 # parser tests these on every device section: module constants instead.
 _TOP = _State.TOP
+_X_PACKET_WORD = struct.pack(">Q", RAM_SAVE_FLAG_X_PACKET)
 _CONFIGURATION, _START, _FULL = SectionType.CONFIGURATION, SectionType.START, SectionType.FULL
 
 
@@ -182,6 +198,12 @@ class StreamReader:
         self._ram_blocks: dict[str, int] = {}
         self._ram_last_block: str | None = None
         self._capabilities: tuple[str, ...] = ()
+        self._packets = False  # the configuration listed x-multifd-packets
+        self._packets_read = 0
+        #: the packet whose pages come next: block id, offsets of its normal pages
+        self._packet: tuple[str, np.ndarray] | None = None
+        self._packet_pending = 0  # bytes of its pages not yet consumed
+        self._packet_taken = False  # the caller took some of them itself
         self._failed: StreamError | None = None
 
     # -- input ----------------------------------------------------------
@@ -264,6 +286,70 @@ class StreamReader:
         lent.release()
         del self._buf[end:]
         self.receive_data(b"", fds)
+
+    # -- a packet's pages, received by the caller --------------------------
+
+    @property
+    def packet_bytes_pending(self) -> int:
+        """Bytes of the current packet's pages not yet consumed (0: no packet's pages are next)."""
+        return self._packet_pending
+
+    def read_bound(self) -> int | None:
+        """The most bytes the next read may take without running into a packet's pages.
+
+        0: parse first (a packet header is complete) or take the pages; None:
+        no bound (no packet's pages can be next). Inside a RAM section with
+        packets, a read for a header takes its fixed part, then its offsets.
+        """
+        if self._packet_pending:
+            return 0
+        if not self._packets or self._state is not _State.RAM_RECORDS:
+            return None
+        buffered = len(self._buf) - self._pos
+        if buffered < multifd.FIXED_BYTES:
+            return multifd.FIXED_BYTES - buffered
+        size = multifd.peek_header_bytes(self._buf, self._pos)
+        return None if size is None else max(size - buffered, 0)
+
+    def take_packet_bytes(self) -> memoryview:
+        """The current packet's page bytes the reader holds already (up to all of them), consumed.
+
+        A view of the reader's buffer: copy it where it belongs and release it.
+        The rest of the pages the caller reads itself, then reports with
+        :meth:`packet_bytes_read`.
+        """
+        if self._lent is not None:
+            raise RuntimeError("the reader's buffer is lent: buffer_updated first")
+        n = min(self._packet_pending, len(self._buf) - self._pos)
+        base = memoryview(self._buf)
+        view = base[self._pos:self._pos + n]
+        base.release()
+        self._pos += n
+        self._packet_taken = True
+        self._packet_consumed(n)
+        return view
+
+    def packet_bytes_read(self, nbytes: int) -> None:
+        """``nbytes`` of the current packet's pages were read by the caller, past the reader."""
+        if self._pos != len(self._buf):
+            raise RuntimeError("the reader still holds bytes of the packet: take_packet_bytes first")
+        if not 0 <= nbytes <= self._packet_pending:
+            raise ValueError(f"{nbytes} bytes read, but {self._packet_pending} of the packet are pending")
+        try:
+            self._buf.clear()
+        except BufferError:  # a consumer holds a view of it (see _append)
+            self._buf = bytearray()
+        self._base += self._pos + nbytes
+        self._pos = 0
+        self._packet_taken = True
+        self._packet_consumed(nbytes)
+
+    def _packet_consumed(self, nbytes: int) -> None:
+        self._packet_pending -= nbytes
+        if not self._packet_pending:
+            self._packet = None
+            self._packet_taken = False
+            self._state = _State.RAM_RECORDS
 
     def receive_eof(self) -> None:
         """The peer closed the stream; what remains must parse into events."""
@@ -350,6 +436,8 @@ class StreamReader:
             self._state = _State.FOOTER
             return RamMemSize(tuple(blocks))
         if state is _State.RAM_RECORDS:
+            if self._packets and cur.starts_with(_X_PACKET_WORD):
+                return self._parse_packet(cur)
             if self.ram_runs:
                 run = ram.decode_run(cur, self._ram_last_block, self._ram_blocks)
                 if run is not None:
@@ -360,11 +448,41 @@ class StreamReader:
                 return self._parse_footer(cur)
             self._ram_last_block = record.block_id
             return RamPage(record.block_id, record.offset, record.data, record.fill)
+        if state is _State.RAM_PACKET_PAGES:
+            return self._parse_packet_pages(cur)
         if state is _State.FOOTER:
             return self._parse_footer(cur)
         if state is _State.AFTER_EOF:
             return self._parse_vmdesc(cur)
         return self._parse_top(cur)
+
+    def _parse_packet(self, cur: Cursor) -> RamPacket:
+        at = cur.offset
+        header = multifd.decode_header(cur, list(self._ram_blocks.values()), self._packets_read)
+        self._packets_read += 1
+        block_id = list(self._ram_blocks)[header.block_index]
+        self._ram_last_block = None  # a record after a packet names its block
+        if header.page_bytes:
+            self._packet = (block_id, header.normal)
+            self._packet_pending = header.page_bytes
+            self._state = _State.RAM_PACKET_PAGES
+        return RamPacket(block_id, header.packet_num, header.normal, header.zero, at, cur.offset - at)
+
+    def _parse_packet_pages(self, cur: Cursor) -> RamPacketPages:
+        if self._packet_taken:
+            raise RuntimeError("the packet's pages are partly taken: packet_bytes_read for the rest")
+        assert self._packet is not None
+        block_id, offsets = self._packet
+        n = self._packet_pending
+        if len(cur.data) - cur.pos < n:
+            raise cur.short(n)
+        pages = np.frombuffer(cur.data, dtype=np.uint8, count=n, offset=cur.pos).reshape(-1, TARGET_PAGE_SIZE)
+        cur.pos += n
+        # The state goes with the event; a retry (NeedData) never gets here.
+        self._packet = None
+        self._packet_pending = 0
+        self._state = _State.RAM_RECORDS
+        return RamPacketPages(block_id, offsets, pages)
 
     def _parse_header(self, cur: Cursor) -> Header:
         magic = cur.be32()
@@ -460,6 +578,7 @@ class StreamReader:
             else:
                 raise cur.error(f"unknown subsection '{name}' of configuration", sub_at)
         self._capabilities = capabilities
+        self._packets = multifd.CAPABILITY in capabilities
         return Configuration(machine, capabilities, page_bits, at, cur.offset - at)
 
     def _parse_full(self, cur: Cursor, at: int, vmsd: VMStateDescription | None, section_id: int,

@@ -12,7 +12,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 
-from migfd.stream import ram
+from migfd.stream import multifd, ram
 from migfd.stream.constants import (
     COMMAND_LENGTH,
     QEMU_VM_FILE_MAGIC,
@@ -112,6 +112,10 @@ class StreamWriter:
         self.sink = sink
         self._section_ids: dict[tuple[str, int], int] = {}
         self._devices: list[tuple[str, int, VMStateDescription, dict]] = []
+        #: batches of pages go as multifd-style packets (the configuration listed x-multifd-packets)
+        self.packets = False
+        self._packets_sent = 0
+        self._ram_block_index: dict[str, int] = {}
 
     # -- header and configuration ---------------------------------------
 
@@ -133,6 +137,8 @@ class StreamWriter:
         if "x-ignore-shared" in capabilities:
             # Its RAM block list carries guest addresses migfd does not have.
             raise ValueError("migfd does not write streams with x-ignore-shared")
+        # The capability list is what the reader goes by: what it announces, the writer writes.
+        self.packets = multifd.CAPABILITY in capabilities
         if capabilities:
             out += [bytes([SectionType.SUBSECTION]), _idstr(CAPABILITIES_SUBSECTION),
                     struct.pack(">II", 1, len(capabilities))]
@@ -178,6 +184,7 @@ class StreamWriter:
 
     def write_ram_start(self, blocks: list[ram.RamBlock]) -> None:
         sid = self._full_header(SectionType.START, RAM_SECTION_NAME, 0, RAM_SECTION_VERSION)
+        self._ram_block_index = {b.id: i for i, b in enumerate(blocks)}
         self.sink.put_buffer(ram.encode_mem_size(blocks))
         self._footer(sid)
 
@@ -185,7 +192,9 @@ class StreamWriter:
         """A PART (or END) with ``pages``: (block_id, offset, bytes) tuples or PageBatch.
 
         Returns the number of bytes written. Like QEMU, the block id is sent
-        with the first page of each run and CONTINUE after it.
+        with the first page of each run and CONTINUE after it. With
+        x-multifd-packets each PageBatch is one packet
+        (:mod:`migfd.stream.multifd`), after which a record names its block again.
         """
         kind = SectionType.END if end else SectionType.PART
         sid = self._short_header(kind, RAM_SECTION_NAME, 0)
@@ -195,22 +204,29 @@ class StreamWriter:
         # from where they are: headers and views of the pages, uncopied.
         put_buffers = getattr(self.sink, "put_buffers", None)
         for item in pages:
-            if isinstance(item, ram.PageBatch):
+            if isinstance(item, ram.PageBatch) and self.packets:
+                if not len(item.offsets):
+                    continue
+                chunks = multifd.encode_packet(item, self._ram_block_index[item.block_id], self._packets_sent)
+                self._packets_sent += 1
+                last = None
+            elif isinstance(item, ram.PageBatch):
                 chunks = ram.encode_batch(item, continue_first=item.block_id == last)
-                if put_buffers is not None:
-                    put_buffers(chunks)
-                else:
-                    for chunk in chunks:
-                        self.sink.put_buffer(chunk)
-                written += sum(map(len, chunks))
                 if len(item.offsets):
                     last = item.block_id
+            else:
+                block_id, offset, data = item
+                record = ram.encode_page(None if block_id == last else block_id, offset, data)
+                self.sink.put_buffer(record)
+                written += len(record)
+                last = block_id
                 continue
-            block_id, offset, data = item
-            record = ram.encode_page(None if block_id == last else block_id, offset, data)
-            self.sink.put_buffer(record)
-            written += len(record)
-            last = block_id
+            if put_buffers is not None:
+                put_buffers(chunks)
+            else:
+                for chunk in chunks:
+                    self.sink.put_buffer(chunk)
+            written += sum(map(len, chunks))
         self.sink.put_buffer(ram.EOS)
         self._footer(sid)
         return written + len(ram.EOS) + 5

@@ -85,6 +85,8 @@ def test_protocol_tour_runs(executed):
     text = "\n".join("".join(o.get("text", "")) for o in outputs(nb, "stream"))
     assert "000000  51 45 56 4d 00 00 00 03" in text  # the hex dump starts with the header
     assert text.count("fd record") >= 2
+    # the packet of x-multifd-packets, field by field, its pages after the header
+    assert "4d 46 44 50" in text and "packet offsets: be64 x 4, normal pages first" in text
     # the transport check refused tcp on both sides
     assert text.count("refused (ExecuteError): Migration requires a UNIX domain socket as transport") == 2
     table = next(o for o in outputs(nb, "execute_result") if "backend-transfer" in o["data"].get("text/plain", ""))

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from helpers import needs_tap, proc_fds, run_vm_test, wait_until
+from helpers import connect_as_source, needs_tap, proc_fds, run_vm_test, wait_until
 from migfd.channel import SCM_MAX_FD, QEMUFile
 from migfd.devices.chardev import ChardevSocket, adopt_socket_fd
 from migfd.devices.memfd import MemoryBackendMemfd, validate_memfd
@@ -153,15 +153,8 @@ def test_tap_queues_are_checked_by_one_ioctl_each_and_any_other_file_is_refused(
 async def _fake_source(vms):
     """A destination with 1 MiB of RAM taking backend-transfer, and the test's socket connected to it
     as the source: (the destination, the source's QEMUFile)."""
-    dst = await vms.start("dst", incoming="defer",
-                          objects=("memory-backend-memfd,id=ram0,size=1M,backend-transfer=on",))
-    await dst.execute("migrate-set-parameters", {"backend-transfer": True})
-    path = vms.path("mig.sock")
-    await dst.execute("migrate-incoming", {"uri": f"unix:{path}"})
-    await wait_until(lambda: os.path.exists(path), what="destination listening")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    return dst, QEMUFile.from_socket(sock, "fake-source")
+    return await connect_as_source(vms, ("memory-backend-memfd,id=ram0,size=1M,backend-transfer=on",),
+                                   {"backend-transfer": True})
 
 
 def _send_state(f: QEMUFile, ram_fd: int, cookie: int = 7) -> StreamWriter:

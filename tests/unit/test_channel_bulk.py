@@ -16,6 +16,7 @@ import pytest
 from test_channel import Background, channel_pair, no_fd_leak  # noqa: F401 (a fixture)
 
 from migfd.channel import IOV_MAX, QEMUFile
+from migfd.errors import ChannelBrokenError
 from migfd.stream import PageBatch, RamBlock, RamPage, RamPageRun, StreamReader, StreamWriter
 
 PAGE = 4096
@@ -242,3 +243,44 @@ def test_pages_round_trip_through_lent_buffers(no_fd_leak, pages, lend):
     assert np.array_equal(copy, ram)
     assert all(np.array_equal(ev.data, was) for ev, was in held)
     assert bool(held) == (lend > 2 * (8 + PAGE))  # runs need two records at once
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 300, 1500])
+def test_read_into_buffers_fills_each_in_order_across_partial_reads(no_fd_leak, pieces):
+    """Scattered destinations (one view per page of a packet), more than IOV_MAX of them,
+    fed by a sender that sends in odd pieces: every byte lands where it belongs."""
+    src, dst = channel_pair()
+    with src, dst:
+        data = np.random.default_rng(pieces).integers(0, 256, pieces * 1000, dtype=np.uint8).tobytes()
+        held = b"held-by-the-channel"
+
+        def send_in_pieces():
+            src.put_buffer(held)
+            src.flush()
+            for i in range(0, len(data), 777):
+                src.put_buffer(data[i:i + 777])
+                src.flush()
+            src.put_buffer(b"after")
+            src.flush()
+        sender = Background(send_in_pieces)
+        assert dst.get_buffer(len(held) - 4) == held[:-4]  # the channel now holds a few bytes beyond
+        target = bytearray(4 + pieces * 1000)
+        views = [memoryview(target)[i:i + 1000] for i in range(4, len(target), 1000)][::-1]
+        head = memoryview(target)[:4]
+        dst.read_into_buffers([head, *views])
+        sender.result()
+        assert bytes(target[:4]) == held[-4:]
+        got = b"".join(bytes(v) for v in views)
+        assert got == data
+        assert dst.get_buffer(5) == b"after"
+
+
+def test_read_into_buffers_at_the_end_of_the_stream_is_a_broken_channel(no_fd_leak):
+    src, dst = channel_pair()
+    with dst:
+        with src:
+            src.put_buffer(b"x" * 100)
+            src.flush()
+        target = bytearray(200)
+        with pytest.raises(ChannelBrokenError, match="end of stream, 100 more bytes expected"):
+            dst.read_into_buffers([memoryview(target)])
