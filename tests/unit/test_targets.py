@@ -192,6 +192,10 @@ def test_target_per_fd_cost_judges_the_default_batch_and_shows_the_large_one():
     assert t["detail"].startswith("batched: slope")
     assert "; batched-253 (x-fds-per-message, migfd to migfd): 0.5" in t["detail"]
     assert "batched-253" not in verdict(table(fd_count_rows(2.1) + fd_floor_rows()), "per-fd-cost")["detail"]
+    # the fds sent before the stop (x-early-fds) likewise: shown beside, never judged
+    t = verdict(table(fd_count_rows(2.1) + fd_count_rows(0.25, "early-fds") + fd_floor_rows()), "per-fd-cost")
+    assert t["measured"] == pytest.approx(2.1)
+    assert "; early-fds (x-early-fds: the fds before the stop, migfd to migfd): 0.25" in t["detail"]
 
 
 def test_target_vs_qemu_is_strict_and_takes_qemus_faster_mode():
