@@ -18,8 +18,8 @@ import pandas as pd
 
 from migfd.results.anatomy import anatomy_table
 from migfd.results.load import select
-from migfd.results.summary import fmt_bytes, fmt_interval, fmt_ns
-from migfd.results.targets import slope_ratio_ci
+from migfd.results.summary import fmt_bytes, fmt_interval, fmt_ns, slope_per_fd
+from migfd.results.targets import by_n_fds, slope_ratio_ci
 from migfd.stats import FAIL, PASS, Interval, clean, median_ci, ratio_ci, threshold_verdict
 
 SCENARIO = "fd-order"
@@ -44,20 +44,15 @@ def _fmt_ns_interval(interval: Interval) -> str:
 
 def _fd_count_groups(df: pd.DataFrame, variant: str) -> list[tuple[float, np.ndarray]]:
     """fd-count's downtimes of ``variant``, per fd count: [(n, trials)]."""
-    rows = select(df, "fd-count", "fd-passing", variant=variant)
-    groups = [(float(n), clean(g["downtime_ns"].astype("float64"))) for n, g in rows.groupby("n_fds")]
-    return [(n, v) for n, v in groups if len(v)]
+    return by_n_fds(select(df, "fd-count", "fd-passing", variant=variant), "downtime_ns")
 
 
 def per_fd_slope(df: pd.DataFrame, variant: str) -> tuple[float, int]:
     """Least-squares slope of fd-count's median downtime against the fd count (ns per fd) for
     ``variant``, and the number of fd counts it rests on (NaN below two)."""
     groups = _fd_count_groups(df, variant)
-    if len(groups) < 2:
-        return math.nan, len(groups)
-    x = np.array([n for n, _ in groups])
-    y = np.array([np.median(v) for _, v in groups])
-    return float(np.polyfit(x, y, 1)[0]), len(groups)
+    medians = pd.DataFrame({"n_fds": [n for n, _ in groups], "median": [np.median(v) for _, v in groups]})
+    return slope_per_fd(medians), len(groups)
 
 
 def sizes(rows: pd.DataFrame) -> list[float]:
@@ -143,8 +138,8 @@ def order_conclusion(df: pd.DataFrame, timelines: pd.DataFrame) -> str:
                          for p, d in ((p, p["early − at switchover"]) for _, p in moved.iterrows())) + ".")
     slopes = {v: per_fd_slope(df, FD_COUNT_VARIANTS[v])[0] for v in ORDER_LABELS}
     if not any(math.isnan(s) for s in slopes.values()):
-        early = [(n, v) for n, v in _fd_count_groups(df, EARLY)]
-        at = [(n, v) for n, v in _fd_count_groups(df, FD_COUNT_VARIANTS[AT_SWITCHOVER])]
+        early = _fd_count_groups(df, EARLY)
+        at = _fd_count_groups(df, FD_COUNT_VARIANTS[AT_SWITCHOVER])
         # the early slope over the switchover's, each resampled (the per-fd target's method)
         ratio = slope_ratio_ci(early, at) if slopes[AT_SWITCHOVER] > 0 else Interval(math.nan, math.nan, math.nan, 0)
         verdict = {PASS: "early, the fds' send, receive and validation leave the downtime",

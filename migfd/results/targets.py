@@ -586,7 +586,8 @@ def _bootstrapped(statistic, samples: list[np.ndarray]) -> Interval:
     return Interval(value, low, high, n)
 
 
-def _by_n_fds(rows: pd.DataFrame, column: str) -> list[tuple[float, np.ndarray]]:
+def by_n_fds(rows: pd.DataFrame, column: str) -> list[tuple[float, np.ndarray]]:
+    """``column``'s clean values of ``rows`` per fd count: [(n_fds, values)], counts without values left out."""
     out = []
     for n, g in rows.groupby("n_fds"):
         vals = _values(g, column)
@@ -598,7 +599,7 @@ def _by_n_fds(rows: pd.DataFrame, column: str) -> list[tuple[float, np.ndarray]]
 def _per_fd_floor(df: pd.DataFrame) -> list[tuple[float, np.ndarray]]:
     """The batched fd round trips by fd count (one group: its per-fd ``value`` alone), for :func:`slope_ratio_ci`."""
     floor_rows = select(df, "limits", variant="fd-roundtrip")
-    floor = _by_n_fds(floor_rows, "total_ns")
+    floor = by_n_fds(floor_rows, "total_ns")
     if len(floor) < 2:
         floor = [(0.0, _values(floor_rows, "value"))] if len(floor_rows) else []
     return floor
@@ -609,7 +610,7 @@ def _per_fd_migrations(df: pd.DataFrame) -> tuple[list[tuple[float, np.ndarray]]
     rows = select(df, "fd-count", "fd-passing")
     batched = rows[rows["variant"] == "batched"]
     use, label = (batched, "batched") if not batched.empty else (rows, "all fd-passing")
-    return _by_n_fds(use, "downtime_ns"), label
+    return by_n_fds(use, "downtime_ns"), label
 
 
 def _target_per_fd(df, meta):
@@ -625,7 +626,7 @@ def _target_per_fd(df, meta):
             f"raw batched round trip's = {fmt_interval(ci)}")
     # shown, not judged: the default stays at QEMU's 16 fds a message, sent at the switchover
     for variant, what in (("batched-253", "x-fds-per-message"), ("early-fds", "x-early-fds: the fds before the stop")):
-        other = _by_n_fds(select(df, "fd-count", "fd-passing", variant=variant), "downtime_ns")
+        other = by_n_fds(select(df, "fd-count", "fd-passing", variant=variant), "downtime_ns")
         if len(other) >= 2:
             text += f"; {variant} ({what}, migfd to migfd): {fmt_interval(slope_ratio_ci(other, floor))}"
     return _judged("per-fd-cost", [Point(ci, text)], failures_note(df, "fd-count", "fd-passing"),

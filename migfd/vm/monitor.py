@@ -85,7 +85,7 @@ class Monitor:
         """As QEMU: tunables change at any time, also during a migration.
 
         A parameter that shapes the stream (backend-transfer, x-batch-fds,
-        x-fds-per-message) is fixed once a stream has started: on the source
+        x-fds-per-message, x-early-fds) is fixed once a stream has started: on the source
         from ``migrate`` on, on the destination from the moment a source
         connected. Until then a listening or deferred destination takes every
         change.
