@@ -19,12 +19,14 @@ truncated control message as fatal, because the kernel then has dropped fds
 silently.
 
 A state copy's pages take no copy in user space on their way: the source
-hands :meth:`QEMUFile.put_buffers` record headers and views of guest RAM,
-sent by sendmsg with many buffers; the destination's reader lends the
-channel the free end of its buffer and :meth:`QEMUFile.read_into` receives
-into it. Bytes whose place is known before they arrive (the pages of a
-multifd-style packet) go straight there: :meth:`QEMUFile.read_into_buffers`
-receives into many buffers at once (recvmsg_into), e.g. views of guest RAM.
+hands :meth:`QEMUFile.put_buffers` record headers and runs of pages in guest
+RAM, sent by writev from an iovec array numpy builds; the destination's
+reader lends the channel the free end of its buffer and
+:meth:`QEMUFile.read_into` receives into it. Bytes whose place is known (or
+guessed) before they arrive go straight there: :meth:`QEMUFile.read_into_buffers`
+receives a packet's pages into views of guest RAM (recvmsg_into), and
+:meth:`QEMUFile.read_into_iovec` the record words and pages of a guessed run
+into an iovec array (recvmsg through ctypes, for the same reason as writev).
 
 A socket stays in blocking mode: a bound on a write is the kernel's
 SO_SNDTIMEO, and a read first polls (bounded) only when nothing is there, so
@@ -45,6 +47,8 @@ broken, as if the peer had vanished.
 from __future__ import annotations
 
 import array
+import ctypes
+import errno
 import os
 import select
 import socket
@@ -53,9 +57,12 @@ import time
 from collections import deque
 from typing import BinaryIO, Sequence
 
+import numpy as np
+
 from migfd.errors import ChannelBrokenError, ChannelClosedError, ChannelError
 from migfd.fds import MAX_FDS_PER_MESSAGE, SCM_MAX_FD, close_fds
 from migfd.stream.constants import FD_SERVICE_BYTE
+from migfd.stream.gather import Interleaved
 from migfd.timeline import Timeline
 from migfd.units import KiB
 
@@ -70,6 +77,64 @@ IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 _FD_SIZE = array.array("i").itemsize
+
+
+class _MsgHdr(ctypes.Structure):
+    """struct msghdr (recvmsg(2))."""
+
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.c_void_p), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
+                ("msg_flags", ctypes.c_int)]
+
+
+# writev(2), readv(2) and recvmsg(2) themselves, for iovec arrays: the socket module
+# wants a Python buffer per iovec entry, two per page of a state copy. ctypes drops
+# the GIL for each call.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_writev = _libc.writev
+_libc_writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_libc_writev.restype = ctypes.c_ssize_t
+_libc_readv = _libc.readv
+_libc_readv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_libc_readv.restype = ctypes.c_ssize_t
+_libc_recvmsg = _libc.recvmsg
+_libc_recvmsg.argtypes = (ctypes.c_int, ctypes.POINTER(_MsgHdr), ctypes.c_int)
+_libc_recvmsg.restype = ctypes.c_ssize_t
+#: struct cmsghdr: cmsg_len (size_t), cmsg_level, cmsg_type (int); data after it, aligned
+_CMSG_HEADER = struct.Struct("@Nii")
+_CMSG_ALIGN = ctypes.sizeof(ctypes.c_size_t)
+
+
+def advance_iovec(iov: np.ndarray, nbytes: int) -> np.ndarray:
+    """The part of an (n, 2) iovec array after its first ``nbytes`` bytes; the entry
+    cut in part is changed in place to start at its first byte not covered."""
+    ends = np.cumsum(iov[:, 1])
+    done = int(np.searchsorted(ends, nbytes, side="right"))
+    rest = iov[done:]
+    if len(rest):
+        taken = nbytes - (int(ends[done - 1]) if done else 0)
+        rest[0, 0] += np.uint64(taken)
+        rest[0, 1] -= np.uint64(taken)
+    return rest
+
+
+def _cmsg_fds(control: bytes) -> list[int]:
+    """The SCM_RIGHTS fds of a received control buffer."""
+    fds: list[int] = []
+    at = 0
+    while at + _CMSG_HEADER.size <= len(control):
+        length, level, kind = _CMSG_HEADER.unpack_from(control, at)
+        if length < _CMSG_HEADER.size:
+            break
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            payload = control[at + _CMSG_HEADER.size:at + length]
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+        at += (length + _CMSG_ALIGN - 1) & ~(_CMSG_ALIGN - 1)
+    return fds
+
+
 _ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
 # The MSG_* flags as plain ints: socket.MsgFlag is an enum.IntFlag, whose | and &
 # cost about a µs each in Python 3.11, on every read of a message that carries fds.
@@ -116,6 +181,7 @@ class QEMUFile:
         # fresh 256 KiB object per read costs page faults.
         self._scratch = bytearray(bufsize)
         self._scratch_view = memoryview(self._scratch)
+        self._control = ctypes.create_string_buffer(_ANCBUF)  # read_into_iovec's, for fds
         self._eof = False
         self._timeout_s: float | None = None
         self._poller: select.poll | None = None
@@ -251,22 +317,37 @@ class QEMUFile:
         self.put_buffer(struct.pack(">Q", value))
 
     def put_buffers(self, buffers: Sequence) -> None:
-        """Send 1-D byte buffers in order, none of them copied (a state copy's
-        page records: headers and views of guest RAM).
+        """Send byte buffers and :class:`~migfd.stream.gather.Interleaved` runs in order,
+        none of them copied (a state copy's page records: record words and views
+        of guest RAM).
 
         What is buffered goes first: in the same system call unless it
-        carries fds, which keep their own sendmsg. Then one sendmsg (writev
-        for a file) per :data:`IOV_MAX` buffers; a call that took only part
-        of them goes on from the first byte it did not take.
+        carries fds, which keep their own sendmsg. Then one writev per
+        :data:`IOV_MAX` buffers, from an iovec array numpy builds (no Python
+        object per page); a call that took only part of them goes on from the
+        first byte it did not take.
         """
         if self.closed or self._broken is not None:
             self._check_open()
         if self._pending_fds:
             self._send_buffer()
+        keep: list = []  # the memory every iovec entry points into, alive until sent
+        parts: list[np.ndarray] = []
         if self._wbuf:
             buffers = [self._wbuf, *buffers]
             self._wbuf = bytearray()
-        self._sendv(list(buffers))
+        for buf in buffers:
+            if isinstance(buf, Interleaved):
+                if len(buf.first):
+                    parts.append(buf.iovec())
+                    keep.append(buf)
+            elif len(buf):
+                arr = np.frombuffer(buf, dtype=np.uint8)
+                keep.append(arr)
+                parts.append(np.array([[arr.ctypes.data, len(arr)]], dtype=np.uint64))
+        if parts:
+            self._writev(np.concatenate(parts))
+        del keep
 
     def put_fd(self, fd: int) -> None:
         """Send ``fd`` beside one service byte; the caller keeps its own fd.
@@ -318,33 +399,23 @@ class QEMUFile:
             raise self._io_error(f"write failed: {exc.strerror or exc}") from exc
         self.bytes_sent += len(data)
 
-    def _sendv(self, buffers: list) -> None:
-        """Send every buffer of ``buffers`` (which it may change), IOV_MAX at a time."""
-        first = 0
-        try:
-            while first < len(buffers):
-                chunk = buffers[first:first + IOV_MAX]
-                if self._sock is not None:
-                    sent = self._sock.sendmsg(chunk)
-                else:
-                    assert self._file is not None
-                    sent = os.writev(self._file.fileno(), chunk)
-                self.bytes_sent += sent
-                if sent == sum(map(len, chunk)):
-                    first += len(chunk)
+    def _writev(self, iov: np.ndarray) -> None:
+        """Send every byte an (n, 2) iovec array names (which it changes), IOV_MAX entries a call."""
+        fd = self._sock.fileno() if self._sock is not None else self._file.fileno()  # type: ignore[union-attr]
+        while len(iov):
+            chunk = iov[:IOV_MAX]
+            sent = _libc_writev(fd, chunk.ctypes.data, len(chunk))
+            if sent < 0:
+                err = ctypes.get_errno()
+                if err == errno.EINTR:
                     continue
-                # A partial send (SO_SNDTIMEO ran out, a signal, a full disk):
-                # skip the buffers that went, cut the one that went in part.
-                for buf in chunk:
-                    if sent < len(buf):
-                        buffers[first] = memoryview(buf)[sent:]
-                        break
-                    sent -= len(buf)
-                    first += 1
-        except (TimeoutError, BlockingIOError) as exc:
-            raise self._io_error("timed out writing") from exc
-        except OSError as exc:
-            raise self._io_error(f"write failed: {exc.strerror or exc}") from exc
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK):  # SO_SNDTIMEO ran out
+                    raise self._io_error("timed out writing") from BlockingIOError(err, os.strerror(err))
+                raise self._io_error(f"write failed: {os.strerror(err)}") from OSError(err, os.strerror(err))
+            self.bytes_sent += sent
+            # A partial write (SO_SNDTIMEO ran out, a signal, a full disk) goes on
+            # from the first byte not taken.
+            iov = iov[len(chunk) - len(advance_iovec(chunk, sent)):]
 
     def _send_fds(self, payload: memoryview) -> None:
         """One sendmsg of ``payload`` with the pending fds (their service bytes are in it)."""
@@ -390,14 +461,14 @@ class QEMUFile:
         Without ``block``, None when nothing has arrived. ``(b"", [])`` is the
         end of the stream.
         """
-        got = self._receive_into(self._scratch_view, block)
+        got = self._receive_into([self._scratch_view], block)
         if got is None:
             return None
         nbytes, fds = got
         return self._scratch_view[:nbytes], fds
 
-    def _receive_into(self, buffer: memoryview, block: bool) -> tuple[int, list[int]] | None:
-        """One read from the kernel into ``buffer``: how many bytes, and the fds with them.
+    def _receive_into(self, buffers: list, block: bool) -> tuple[int, list[int]] | None:
+        """One read from the kernel into ``buffers``, in order: how many bytes, and the fds with them.
 
         Without ``block``, None when nothing has arrived. ``(0, [])`` is the
         end of the stream.
@@ -408,15 +479,15 @@ class QEMUFile:
         try:
             if self._sock is None:
                 assert self._file is not None
-                nbytes = self._file.readinto(buffer) or 0
+                nbytes = os.readv(self._file.fileno(), buffers)
                 fds: list[int] = []
             else:
-                got = self._recvmsg([buffer])
+                got = self._recvmsg(buffers)
                 while got is None:
                     if not block:
                         return None
                     self.wait_readable()
-                    got = self._recvmsg([buffer])
+                    got = self._recvmsg(buffers)
                 nbytes, fds = got
         except TimeoutError as exc:
             raise self._io_error("timed out waiting for data") from exc
@@ -474,13 +545,64 @@ class QEMUFile:
         The caller owns the fds returned. ``(0, [])`` means end of stream;
         without ``block``, None when nothing has arrived.
         """
-        if self._rpos == len(self._rbuf) and not self._rfds:
-            return self._receive_into(buffer, block)
+        if not self.holds_input:
+            return self._receive_into([buffer], block)
         nbytes = min(len(buffer), len(self._rbuf) - self._rpos)
         buffer[:nbytes] = self._rbuf[self._rpos:self._rpos + nbytes]
         self._rpos += nbytes
         fds = list(self._rfds)
         self._rfds.clear()
+        return nbytes, fds
+
+    @property
+    def holds_input(self) -> bool:
+        """Whether bytes or fds already read from the kernel wait here for a reader."""
+        return self._rpos != len(self._rbuf) or bool(self._rfds)
+
+    def read_into_iovec(self, iov: np.ndarray) -> tuple[int, list[int]] | None:
+        """One read from the kernel, without waiting, into the memory an (n, 2) iovec
+        array names, in order, as far as the bytes go (guest RAM pages between record
+        words, say): how many bytes, and the fds with them; None when nothing has
+        arrived, ``(0, [])`` at the end of the stream. Only when the channel holds
+        nothing (:attr:`holds_input`): no byte may pass the ones held. The caller
+        keeps that memory alive and mapped until this returns.
+        """
+        if self.holds_input:
+            raise ChannelError(f"{self.name}: bytes read before wait for a reader")
+        self._check_open()
+        if self._eof:
+            return 0, []
+        count = min(len(iov), IOV_MAX)
+        fds: list[int] = []
+        start = time.monotonic_ns()
+        while True:
+            if self._sock is None:
+                nbytes = _libc_readv(self._file.fileno(), iov.ctypes.data, count)  # type: ignore[union-attr]
+            else:
+                hdr = _MsgHdr(None, 0, iov.ctypes.data, count, ctypes.addressof(self._control),
+                              len(self._control) if self.supports_fds else 0, 0)
+                nbytes = _libc_recvmsg(self._sock.fileno(), ctypes.byref(hdr), _RECV_FLAGS)
+            if nbytes >= 0:
+                break
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return None
+            raise self._io_error(f"read failed: {os.strerror(err)}") from OSError(err, os.strerror(err))
+        if self._sock is not None and hdr.msg_controllen:
+            fds = _cmsg_fds(self._control.raw[:hdr.msg_controllen])
+            if fds and self.timeline is not None:
+                self.timeline.add("fds-received", start, time.monotonic_ns())
+        if self._sock is not None and hdr.msg_flags & _MSG_CTRUNC:
+            close_fds(fds)
+            raise ChannelError(f"{self.name}: control message truncated, fds were lost")
+        if not nbytes:
+            self._eof = True
+            close_fds(fds)
+            return 0, []
+        self.bytes_received += nbytes
+        self.fds_received += len(fds)
         return nbytes, fds
 
     def read_into_buffers(self, buffers: Sequence[memoryview]) -> None:

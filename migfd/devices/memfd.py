@@ -108,6 +108,9 @@ class MemoryBackendMemfd(Device):
         #: (KVM's dirty log: ``start()``, ``stop()``, ``collect(bitmap)``, ``info()``); None:
         #: every write to this RAM is the VMM's and marks the bitmap itself
         self.dirty_log: Any = None
+        #: destination copying state: the pages received so far in this migration, as
+        #: QEMU's RAMBlock receivedmap (None elsewhere). The others are still zero.
+        self.receivedmap: np.ndarray | None = None
         #: called after this RAM is mapped anew (created, or adopted from a source): an
         #: accelerator points its memory slot at the new mapping there and then
         self.on_map: list[Callable[[], None]] = []
@@ -371,6 +374,8 @@ class MemoryBackendMemfd(Device):
     def write_page(self, offset: int, data: bytes | None, fill: int = 0) -> None:
         """Destination: store one received page."""
         assert self.map is not None
+        if self.receivedmap is not None:
+            self.receivedmap[offset // PAGE] = True
         if data is not None:
             self.map[offset:offset + PAGE] = data
         elif fill or self.map[offset:offset + PAGE] != _ZERO:
@@ -381,6 +386,8 @@ class MemoryBackendMemfd(Device):
         """Destination: store a run of received pages (zero pages when ``data`` is None)."""
         ram = self.pages_array()
         index = (offsets // PAGE).astype(np.intp)
+        if self.receivedmap is not None:
+            self.receivedmap[index] = True
         first = int(index[0]) if len(index) else 0
         if data is not None and int(index[-1]) - first == len(index) - 1 and np.all(np.diff(index) == 1):
             ram[first:first + len(index)] = data  # a contiguous run: one memcpy
@@ -391,6 +398,19 @@ class MemoryBackendMemfd(Device):
             if len(stale):
                 ram[stale] = 0
         del ram
+
+    def unreceived_run(self, first: int, limit: int) -> int:
+        """Destination copying state: how many pages from page ``first`` on (``limit`` at
+        most) have not been received: zero still, so a read may guess they come next."""
+        if self.receivedmap is None:
+            return 0
+        window = self.receivedmap[first:first + limit]
+        return int(np.argmax(window)) if window.any() else len(window)
+
+    def mark_received(self, first: int, count: int) -> None:
+        """Destination: pages ``first`` .. ``first + count - 1`` were received straight into RAM."""
+        if self.receivedmap is not None:
+            self.receivedmap[first:first + count] = True
 
     def page_views(self, offsets: np.ndarray) -> list[memoryview]:
         """Destination: writable views of guest RAM for the pages at byte ``offsets``, in
@@ -423,6 +443,7 @@ class MemoryBackendMemfd(Device):
         still runs.
         """
         self._create()
+        self.receivedmap = np.zeros(self.npages, dtype=bool)
         assert self.map is not None
         try:
             self.map.madvise(MADV_POPULATE_WRITE)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from migfd.channel import QEMUFile
+from migfd.channel import QEMUFile, advance_iovec
 from migfd.devices.base import section_key
 from migfd.devices.memfd import MemoryBackendMemfd
 from migfd.errors import ChannelError, MigrationError, StreamError
@@ -45,13 +45,16 @@ from migfd.stream import (
     SectionFooter,
     SectionFull,
     SectionHeader,
+    TARGET_PAGE_SIZE,
     StreamReader,
     VMDescription,
     VMStateDescription,
 )
+from migfd.stream.gather import Interleaved
+from migfd.stream.ram import PAGE_RECORD_BYTES, continued_pages
 from migfd.transport import Address, FileAddress, IncomingListener, open_incoming_file
 
-__all__ = ["IncomingMigration", "next_read_bytes"]
+__all__ = ["IncomingMigration", "next_read_bytes", "settle_guess"]
 
 #: bytes fed to the reader from the channel before it parses them: every small
 #: message that arrived, but not more than about one full read of pages, which
@@ -68,6 +71,12 @@ READ_BYTES = 1 << 20
 #: A message that carries fds ends a read, so the switchover reads once per fd
 #: batch (once per fd unbatched): 64 KiB of fill cost ~1 µs more a read than 4 KiB
 READ_BYTES_MIN = 4 << 10
+#: page records a guessed read takes at most (1 MiB of records, 512 buffers: under IOV_MAX),
+#: and the fewest worth guessing
+GUESS_PAGES = 256
+GUESS_PAGES_MIN = 2
+PAGE = TARGET_PAGE_SIZE
+_ZERO_PAGE = bytes(PAGE)
 
 log = logging.getLogger("migfd.migration")
 
@@ -80,6 +89,36 @@ def next_read_bytes(room: int, nbytes: int) -> int:
     if nbytes < room // 4:
         return max(room // 2, READ_BYTES_MIN)
     return room
+
+
+def settle_guess(words: np.ndarray, pages: np.ndarray, nbytes: int,
+                 first_offset: int) -> tuple[int, bytes]:
+    """After a guessed read of ``nbytes`` into record words and pages in turn (word 0,
+    page 0, word 1, ...: rows of ``words``, (k, 8), and of ``pages``, (k, PAGE), a
+    view of guest RAM): how many whole records are the PAGE|CONTINUE records of
+    the pages from ``first_offset`` on, and the bytes received after them, which
+    go back to the reader.
+
+    A page those bytes landed in had never been received: it is zeroed again.
+    """
+    whole = nbytes // PAGE_RECORD_BYTES
+    seen = whole + (nbytes % PAGE_RECORD_BYTES >= 8)  # records whose word arrived
+    good = min(continued_pages(words[:seen], first_offset), whole)
+    pieces = []
+    left = nbytes - good * PAGE_RECORD_BYTES
+    i = good
+    while left > 0:
+        n = min(8, left)
+        pieces.append(words[i, :n].tobytes())
+        left -= n
+        if left <= 0:
+            break
+        n = min(PAGE, left)
+        pieces.append(pages[i, :n].tobytes())
+        pages[i, :n] = 0
+        left -= n
+        i += 1
+    return good, b"".join(pieces)
 
 
 def fill_views(views: list[memoryview], data: memoryview) -> list[memoryview]:
@@ -128,6 +167,9 @@ class IncomingMigration(MigrationBase):
         self._eof = False
         #: the packet whose pages come next: the RAM they go to and their offsets
         self._packet: tuple[MemoryBackendMemfd, np.ndarray] | None = None
+        #: the page after the last normal page loaded (its RAM, its index), where the
+        #: next PAGE|CONTINUE record most likely goes; None after any other record
+        self._next_page: tuple[MemoryBackendMemfd, int] | None = None
 
     def _count_refused(self) -> None:
         self.stats.refused_connections += 1
@@ -213,6 +255,9 @@ class IncomingMigration(MigrationBase):
             if reader.packet_bytes_pending:
                 self._receive_packet_pages(f)
                 continue
+            if self._next_page is not None and self._receive_guessed_pages(f):
+                start = time.monotonic_ns()
+                continue
             got = self._receive(f)
             if got is None:
                 f.wait_readable()
@@ -241,15 +286,7 @@ class IncomingMigration(MigrationBase):
             # Inside a RAM section one phase covers the whole section ("load-ram"):
             # a phase per read would be thousands for GiBs of pages.
             outside_ram = self._ram_section_start is None
-            event_start = parse_start
-            for event in reader.events():
-                parsed = time.monotonic_ns()
-                self._handle(event, event_start, parsed)
-                event_start = time.monotonic_ns()
-            # The pages of a RamPageRun are a view of the reader's buffer: let
-            # go of it, so that the next read goes into that buffer again.
-            event = None
-            parsed = time.monotonic_ns()
+            parsed = self._handle_events(parse_start)
             if outside_ram or self._ram_section_start is None:
                 tl.add("recv", start, parse_start)
                 tl.add("parse", parse_start, parsed)
@@ -260,6 +297,74 @@ class IncomingMigration(MigrationBase):
             self._resume()  # a stream that ends at EOF, without a device description
         if not self.stats.committed:
             raise MigrationError("the stream ended before EOF")
+
+    def _handle_events(self, start_ns: int) -> int:
+        """Act on every event the reader can make of what it holds; returns when it is done."""
+        event_start = start_ns
+        for event in self.reader.events():
+            parsed = time.monotonic_ns()
+            self._handle(event, event_start, parsed)
+            event_start = time.monotonic_ns()
+        # The pages of a RamPageRun are a view of the reader's buffer: the loop's
+        # variable dies here, so the next read goes into that buffer again.
+        return time.monotonic_ns()
+
+    def _receive_guessed_pages(self, f: QEMUFile) -> bool:
+        """Read the next page records straight into guest RAM, guessing that they go on
+        from the last page loaded, as a first copy of RAM sends them; False when no
+        guess can be made (the reader holds more than the start of a record, the
+        channel holds bytes, the pages after it were received already, it is not a
+        state copy's RAM).
+
+        Nothing is copied but the start of a record the reader holds: one read
+        fills record words into a small array and each page into its place in
+        guest RAM. The words are checked after the read; the whole records that
+        match are loaded. From the first that does
+        not (a zero page, a jump, another section) the bytes go back to the
+        reader, parsed as usual, and the pages they landed in, which had never
+        been received, are zeroed again.
+        """
+        dev, first = self._next_page  # type: ignore[misc]
+        block = self.reader.records_expected()
+        if block != dev.block_id or f.holds_input or dev.map is None:
+            return False
+        k = dev.unreceived_run(first, GUESS_PAGES)
+        if k < GUESS_PAGES_MIN:
+            return False
+        words = np.empty((k, 8), dtype=np.uint8)
+        pages = dev.pages_array()[first:first + k]  # a view of guest RAM
+        try:
+            iov = Interleaved(words, pages).iovec()
+            # The start of a record the reader holds goes first, then one read.
+            held = self.reader.held_bytes()
+            if held:
+                words[0, :min(len(held), 8)] = np.frombuffer(held[:8], dtype=np.uint8)
+                if len(held) > 8:
+                    pages[0, :len(held) - 8] = np.frombuffer(held[8:], dtype=np.uint8)
+                iov = advance_iovec(iov, len(held))
+            got = f.read_into_iovec(iov)
+            nbytes, fds = got if got is not None else (0, [])
+            good, rest = settle_guess(words, pages, len(held) + nbytes, first * PAGE)
+        finally:
+            del pages  # no view of guest RAM outlives this (a failed migration closes it)
+        if got is None:
+            f.wait_readable()
+            return True
+        if not nbytes and not fds:
+            return False  # the end of the stream: the usual read sees it too
+        self.reader.records_taken(good * PAGE_RECORD_BYTES)
+        if not good:
+            rest = rest[len(held):]  # the reader keeps what it held
+        dev.mark_received(first, good)
+        self.stats.normal_pages += good
+        # After a wrong guess (or too few bytes to tell) the reader goes on alone
+        # until it has loaded a page again.
+        self._next_page = (dev, first + good) if good else None
+        if rest or fds:
+            self.stats.fds_passed += len(fds)
+            self.reader.receive_data(rest, fds)
+            self._handle_events(time.monotonic_ns())
+        return True
 
     def _receive(self, f: QEMUFile) -> tuple[int, list[int]] | None:
         """What has arrived, read by the channel straight into the reader's buffer
@@ -303,6 +408,7 @@ class IncomingMigration(MigrationBase):
 
     def _handle(self, event: Event, start_ns: int, parsed_ns: int) -> None:
         """Act on one event; ``start_ns``..``parsed_ns`` is the time the reader took to parse it."""
+        self._next_page = None
         if isinstance(event, Configuration):
             if event.machine != self.vm.machine:
                 raise MigrationError(f"machine type '{event.machine}' of the source does not match "
@@ -317,11 +423,13 @@ class IncomingMigration(MigrationBase):
                     dev.prepare_incoming_copy()
                 self.stats.ram_total += block.length
         elif isinstance(event, RamPageRun):
-            self._by_block[event.block_id].write_pages(event.offsets, event.data)
+            dev = self._by_block[event.block_id]
+            dev.write_pages(event.offsets, event.data)
             if event.data is None:
                 self.stats.duplicate_pages += len(event)
             else:
                 self.stats.normal_pages += len(event)
+                self._next_page = (dev, int(event.offsets[-1]) // PAGE + 1)
         elif isinstance(event, RamPacket):
             dev = self._by_block[event.block_id]
             if len(event.zero):
@@ -335,11 +443,13 @@ class IncomingMigration(MigrationBase):
             self._by_block[event.block_id].write_pages(event.offsets, event.data)
             self._packet = None
         elif isinstance(event, RamPage):
-            self._by_block[event.block_id].write_page(event.offset, event.data, event.fill)
+            dev = self._by_block[event.block_id]
+            dev.write_page(event.offset, event.data, event.fill)
             if event.data is None:
                 self.stats.duplicate_pages += 1
             else:
                 self.stats.normal_pages += 1
+                self._next_page = (dev, event.offset // PAGE + 1)
         elif isinstance(event, SectionFull) and not self._switchover and self.params.x_early_fds:
             self._load_early(event, start_ns, parsed_ns)
         elif isinstance(event, SectionFull):

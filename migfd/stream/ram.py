@@ -27,6 +27,7 @@ from migfd.stream.constants import (
     TARGET_PAGE_BITS,
     TARGET_PAGE_SIZE,
 )
+from migfd.stream.gather import Interleaved
 from migfd.stream.vmstate import Cursor
 
 _FLAG_MASK = TARGET_PAGE_SIZE - 1
@@ -86,6 +87,9 @@ def encode_page(block_id: str | None, offset: int, data: bytes | memoryview) -> 
 
 EOS = struct.pack(">Q", RAM_SAVE_FLAG_EOS)
 
+#: A PAGE|CONTINUE record: its word, then the page.
+PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE
+
 #: Records of a run of pages: PAGE|CONTINUE (8 + 4096 bytes) or ZERO|CONTINUE (8 + 1).
 _RUN_FLAGS = {RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE: 8 + TARGET_PAGE_SIZE,
               RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE: 9}
@@ -130,6 +134,17 @@ def _run_heads(offsets: np.ndarray, flags: int) -> np.ndarray:
     return (offsets.astype(np.uint64) | np.uint64(flags)).astype(">u8").view(np.uint8)
 
 
+def continued_pages(words: np.ndarray, first_offset: int) -> int:
+    """How many of ``words`` ((k, 8) uint8, record words as received) are, in order, the
+    PAGE|CONTINUE records of the pages at ``first_offset``, the next page, and so on."""
+    flags = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+    got = words.view(">u8")[:, 0]
+    expected = np.arange(first_offset | flags, (first_offset | flags) + len(words) * TARGET_PAGE_SIZE,
+                         TARGET_PAGE_SIZE, dtype=np.uint64)
+    wrong = np.flatnonzero(got != expected)
+    return int(wrong[0]) if len(wrong) else len(words)
+
+
 def _zero_run(offsets: np.ndarray) -> memoryview:
     """ZERO|CONTINUE records, each followed by its fill byte 0: one buffer."""
     out = np.zeros((len(offsets), _RUN_FLAGS[RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE]), dtype=np.uint8)
@@ -137,23 +152,18 @@ def _zero_run(offsets: np.ndarray) -> memoryview:
     return memoryview(out).cast("B")
 
 
-def _page_run(offsets: np.ndarray, rows: np.ndarray) -> list[memoryview]:
-    """PAGE|CONTINUE records: each header, then a view of its page (nothing copied)."""
-    k = len(offsets)
-    heads = memoryview(_run_heads(offsets, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE))
-    pages = memoryview(np.ascontiguousarray(rows)).cast("B")
-    out: list[memoryview] = [heads] * (2 * k)
-    out[0::2] = [heads[i:i + 8] for i in range(0, 8 * k, 8)]
-    out[1::2] = [pages[i:i + TARGET_PAGE_SIZE] for i in range(0, TARGET_PAGE_SIZE * k, TARGET_PAGE_SIZE)]
-    return out
+def _page_run(offsets: np.ndarray, rows: np.ndarray) -> Interleaved:
+    """PAGE|CONTINUE records: each header, then its page in ``rows`` (nothing copied)."""
+    heads = _run_heads(offsets, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE).reshape(-1, 8)
+    return Interleaved(heads, rows)
 
 
 def encode_batch(batch: PageBatch, continue_first: bool) -> list:
-    """The records of ``batch`` as a list of 1-D byte buffers, in page order, for
-    one gathering write (sendmsg with many buffers).
+    """The records of ``batch`` in page order, for one gathering write: 1-D byte
+    buffers and :class:`~migfd.stream.gather.Interleaved` runs.
 
-    A normal page is two buffers: its 8-byte header and a view of the page
-    in ``batch.rows`` (no copy). A run of zero pages is one buffer. The
+    A run of normal pages is one Interleaved: the 8-byte headers and the
+    pages in ``batch.rows`` (not copied). A run of zero pages is one buffer. The
     first record names the block unless ``continue_first``; every other one
     says CONTINUE. Zero pages become ZERO records with fill byte 0.
     """
@@ -175,7 +185,7 @@ def encode_batch(batch: PageBatch, continue_first: bool) -> list:
         if a == b:
             continue
         if nonzero[a]:
-            chunks += _page_run(batch.offsets[a:b], batch.rows[a:b])
+            chunks.append(_page_run(batch.offsets[a:b], batch.rows[a:b]))
         else:
             chunks.append(_zero_run(batch.offsets[a:b]))
     return chunks

@@ -287,6 +287,42 @@ class StreamReader:
         del self._buf[end:]
         self.receive_data(b"", fds)
 
+    # -- page records, received by the caller ------------------------------
+
+    def records_expected(self) -> str | None:
+        """The block whose PAGE|CONTINUE records may come next, when the reader holds at
+        most the start of one (less than a whole record); None otherwise.
+
+        A caller that guesses where those records' pages go (the pages after
+        the last one, in a first copy of RAM) may read them past the reader,
+        after the bytes :meth:`held_bytes` gives it; it checks their record
+        words with :func:`migfd.stream.ram.continued_pages`, reports the whole
+        records that matched with :meth:`records_taken` and gives the bytes
+        read after them back with :meth:`receive_data`.
+        """
+        if (self._state is not _State.RAM_RECORDS or self._packets or self._lent is not None
+                or len(self._buf) - self._pos >= ram.PAGE_RECORD_BYTES or self._fds
+                or self._failed is not None):
+            return None
+        return self._ram_last_block
+
+    def held_bytes(self) -> bytes:
+        """The unparsed bytes the reader holds (not consumed)."""
+        return bytes(self._buf[self._pos:])
+
+    def records_taken(self, nbytes: int) -> None:
+        """``nbytes`` of whole PAGE|CONTINUE records, from the first byte the reader holds on,
+        were read, checked and stored by the caller: the held bytes are consumed too."""
+        if self.records_expected() is None:
+            raise RuntimeError("page records cannot be taken past the reader now")
+        held = len(self._buf) - self._pos
+        if nbytes % ram.PAGE_RECORD_BYTES or (nbytes < held and nbytes):
+            raise ValueError(f"{nbytes} bytes are not whole page records after the {held} held")
+        if not nbytes:
+            return
+        self._pos = len(self._buf)
+        self._base += nbytes - held
+
     # -- a packet's pages, received by the caller --------------------------
 
     @property

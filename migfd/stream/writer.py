@@ -24,6 +24,7 @@ from migfd.stream.constants import (
     SectionType,
 )
 from migfd.stream.compiled import save_compiled
+from migfd.stream.gather import Interleaved
 from migfd.stream.vmstate import Sink, VMStateDescription, vmdesc_entry
 
 CAPABILITIES_SUBSECTION = "configuration/capabilities"
@@ -201,7 +202,7 @@ class StreamWriter:
         written = 5
         last = None
         # A sink that gathers (QEMUFile.put_buffers) sends a batch's records
-        # from where they are: headers and views of the pages, uncopied.
+        # from where they are: headers and the pages in guest RAM, uncopied.
         put_buffers = getattr(self.sink, "put_buffers", None)
         for item in pages:
             if isinstance(item, ram.PageBatch) and self.packets:
@@ -225,7 +226,7 @@ class StreamWriter:
                 put_buffers(chunks)
             else:
                 for chunk in chunks:
-                    self.sink.put_buffer(chunk)
+                    self.sink.put_buffer(chunk.tobytes() if isinstance(chunk, Interleaved) else chunk)
             written += sum(map(len, chunks))
         self.sink.put_buffer(ram.EOS)
         self._footer(sid)

@@ -485,6 +485,28 @@ def test_failure_or_cancel_during_precopy_leaves_the_source_whole(vms, how):
     run_vm_test(vms, body)
 
 
+def test_state_copy_of_scattered_pages_among_zero_ones_loads_every_page(vms):
+    """RAM never filled, with pages stamped here and there by the guest: the copy is
+    runs of normal pages broken by zero pages and jumps, which is where the
+    destination's guessed reads (pages received straight into RAM, on the guess
+    that they go on from the last one) guess wrong and must give the bytes back."""
+    objects = (f"memory-backend-memfd,id=ram0,size={RAM_MIB}M,backend-transfer=off",)
+
+    async def body():
+        src = await vms.start("src", objects=objects, dirty_rate_bytes_s=4 << 20)
+        dst = await vms.start("dst", objects=objects, incoming="defer")
+        stamped = data_pages(RAM_MIB) // 8
+        await wait_until(lambda: _stamped(src, stamped), timeout_s=60, what=f"{stamped} pages stamped")
+        result = await migrate(src, dst, f"unix:{vms.path('mig.sock')}", {"x-max-iterations": 0},
+                               timeout_s=60)
+        assert result.ok, result.error
+        ram = (await verify_ram(dst))["ram0"]
+        assert ram["ok"] and ram["bad-pages"] == 0
+        assert 0 < ram["pages-stamped"] < data_pages(RAM_MIB)  # zero pages between them
+
+    run_vm_test(vms, body)
+
+
 def test_cancelled_source_can_migrate_again(vms):
     """After a cancel the source is whole enough for a second, successful migration."""
     chardev = vms.path("ch0.sock")

@@ -5,6 +5,7 @@ destination reads straight into a buffer the StreamReader lends."""
 from __future__ import annotations
 
 import array
+import ctypes
 import os
 import signal
 import socket
@@ -15,41 +16,58 @@ import numpy as np
 import pytest
 from test_channel import Background, channel_pair, no_fd_leak  # noqa: F401 (a fixture)
 
+from migfd import channel
 from migfd.channel import IOV_MAX, QEMUFile
-from migfd.errors import ChannelBrokenError
+from migfd.errors import ChannelBrokenError, ChannelError
 from migfd.stream import PageBatch, RamBlock, RamPage, RamPageRun, StreamReader, StreamWriter
+from migfd.stream.gather import Interleaved
 
 PAGE = 4096
 
 
 class RecordingSocket:
-    """A real socket whose sendmsg calls are recorded: (bytes offered, bytes sent).
+    """A real socket whose sendmsg calls (the fd messages) are recorded: (bytes offered, bytes sent)."""
 
-    With ``cap``, each call offers the kernel at most ``cap`` bytes of what it
-    was given, as a kernel that takes only part of a write would.
-    """
-
-    def __init__(self, sock: socket.socket, cap: int | None = None):
+    def __init__(self, sock: socket.socket):
         self._sock = sock
-        self.cap = cap
         self.calls: list[tuple[int, int]] = []
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
 
     def sendmsg(self, buffers, *args):
-        offered = sum(map(len, buffers))
-        if self.cap is not None:
-            kept, room = [], self.cap
-            for buf in buffers:
-                if room <= 0:
-                    break
-                kept.append(memoryview(buf)[:room])
-                room -= len(buf)
-            buffers = kept
         sent = self._sock.sendmsg(buffers, *args)
-        self.calls.append((offered, sent))
+        self.calls.append((sum(map(len, buffers)), sent))
         return sent
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Every writev the channel makes, as (bytes offered, bytes sent); set ``.cap`` and
+    each call offers the kernel at most that many bytes of its iovec, as a kernel that
+    takes only part of a write would."""
+    real = channel._libc_writev
+
+    class Writes(list):
+        cap: int | None = None
+
+    calls = Writes()
+
+    def writev(fd, address, count):
+        iov = np.ctypeslib.as_array((ctypes.c_uint64 * (2 * count)).from_address(address)).reshape(count, 2)
+        offered = int(iov[:, 1].sum())
+        if calls.cap is not None and offered > calls.cap:
+            iov = iov.copy()
+            ends = np.cumsum(iov[:, 1])
+            count = int(np.searchsorted(ends, calls.cap, side="left")) + 1
+            iov[count - 1, 1] -= np.uint64(int(ends[count - 1]) - calls.cap)
+            address = iov.ctypes.data
+        sent = real(fd, address, count)
+        calls.append((offered, sent))
+        return sent
+
+    monkeypatch.setattr(channel, "_libc_writev", writev)
+    return calls
 
 
 def read_all(sock: socket.socket, into: bytearray, pause_s: float = 0.0, chunk: int = 1 << 16) -> None:
@@ -63,7 +81,8 @@ def read_all(sock: socket.socket, into: bytearray, pause_s: float = 0.0, chunk: 
 
 
 def some_buffers(n: int, seed: int, page: int = PAGE) -> list:
-    """Byte buffers of every kind the writer hands over: bytes, views, numpy rows, empty ones."""
+    """Byte buffers of every kind the writer hands over: bytes, views, numpy rows, empty
+    ones, and Interleaved runs of record words and pages that lie apart in RAM."""
     rng = np.random.default_rng(seed)
     ram = rng.integers(0, 256, size=(n, page), dtype=np.uint8)
     heads = memoryview(rng.integers(0, 256, size=8 * n, dtype=np.uint8))
@@ -73,15 +92,23 @@ def some_buffers(n: int, seed: int, page: int = PAGE) -> list:
         out.append(memoryview(ram[i]).cast("B") if i % 5 else ram[i].tobytes()[: (i * 37) % page])
         if i % 97 == 0:
             out.append(b"")
+        if i % 41 == 0:
+            k = 1 + i % 7
+            words = np.frombuffer(heads.obj, dtype=np.uint8)[:8 * k].reshape(k, 8)
+            out.append(Interleaved(words, ram[::3][:k]))  # every third page: rows apart
     return out
 
 
+def as_bytes(buf) -> bytes:
+    return buf.tobytes() if isinstance(buf, Interleaved) else bytes(buf)
+
+
 @pytest.mark.parametrize("cap, page", [(1, 16), (7, 64), (4095, PAGE), (4104 * 3 + 7, PAGE), (1 << 30, PAGE)])
-def test_put_buffers_goes_on_after_partial_sends(no_fd_leak, cap, page):
+def test_put_buffers_goes_on_after_partial_sends(no_fd_leak, writes, cap, page):
     """Whatever part of a call the kernel takes, every byte arrives once, in order."""
     a, b = socket.socketpair()
-    sock = RecordingSocket(a, cap)
-    src = QEMUFile(name="src", sock=sock)  # type: ignore[arg-type]
+    writes.cap = cap
+    src = QEMUFile(name="src", sock=a)
     got = bytearray()
     reader = threading.Thread(target=read_all, args=(b, got), daemon=True)
     reader.start()
@@ -95,18 +122,17 @@ def test_put_buffers_goes_on_after_partial_sends(no_fd_leak, cap, page):
         src.close()
     reader.join()
     b.close()
-    assert bytes(got) == b"head" + b"".join(bytes(x) for x in buffers) + b"tail"
-    assert any(sent < offered for offered, sent in sock.calls) == (cap < 1 << 30)
+    assert bytes(got) == b"head" + b"".join(as_bytes(x) for x in buffers) + b"tail"
+    assert any(sent < offered for offered, sent in writes) == (cap < 1 << 30)
     assert src.bytes_sent == len(got)
 
 
-def test_put_buffers_to_a_peer_that_reads_slowly(no_fd_leak):
-    """A small kernel buffer, a slow reader and signals: sendmsg returns after part of
+def test_put_buffers_to_a_peer_that_reads_slowly(no_fd_leak, writes):
+    """A small kernel buffer, a slow reader and signals: writev returns after part of
     the data (an interrupted send), and the channel sends the rest."""
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
-    sock = RecordingSocket(a)
-    src = QEMUFile(name="src", sock=sock)  # type: ignore[arg-type]
+    src = QEMUFile(name="src", sock=a)
     got = bytearray()
     reader = threading.Thread(target=read_all, args=(b, got, 0.001, 8 << 10), daemon=True)
     reader.start()
@@ -121,11 +147,11 @@ def test_put_buffers_to_a_peer_that_reads_slowly(no_fd_leak):
         src.close()
     reader.join()
     b.close()
-    assert bytes(got) == b"".join(bytes(x) for x in buffers)
-    assert any(sent < offered for offered, sent in sock.calls)  # the path under test was taken
+    assert bytes(got) == b"".join(as_bytes(x) for x in buffers)
+    assert any(sent < offered for offered, sent in writes)  # the path under test was taken
 
 
-def test_buffered_fds_leave_before_the_gathered_buffers(no_fd_leak):
+def test_buffered_fds_leave_before_the_gathered_buffers(no_fd_leak, writes):
     """An fd waiting in the buffer keeps its own sendmsg, ahead of the gathered
     buffers; plain buffered bytes join them in one call."""
     a, b = socket.socketpair()
@@ -139,7 +165,7 @@ def test_buffered_fds_leave_before_the_gathered_buffers(no_fd_leak):
         src.put_buffers([b"bc", memoryview(b"de")])
         src.put_buffer(b"f")
         src.put_buffers([b"gh"])
-        assert sock.calls == [(2, 2), (4, 4), (3, 3)]
+        assert sock.calls == [(2, 2)] and writes == [(4, 4), (3, 3)]
         b.setblocking(False)
         data, anc, _, _ = b.recvmsg(64, socket.CMSG_SPACE(4))
         received = [fd for _, _, payload in anc for fd in array.array("i", payload)]
@@ -284,3 +310,53 @@ def test_read_into_buffers_at_the_end_of_the_stream_is_a_broken_channel(no_fd_le
         target = bytearray(200)
         with pytest.raises(ChannelBrokenError, match="end of stream, 100 more bytes expected"):
             dst.read_into_buffers([memoryview(target)])
+
+
+def test_read_into_iovec_scatters_bytes_and_hands_over_the_fds_with_them(no_fd_leak):
+    """One read without waiting into scattered memory: bytes in iovec order, the fds
+    that came with them (several in one message), None when nothing is there, and
+    (0, []) at the end of the stream."""
+    src, dst = channel_pair()
+    memfds = [os.memfd_create(f"m{i}") for i in range(3)]
+    got_fds: list[int] = []
+    try:
+        target = np.zeros((4, 16), dtype=np.uint8)
+        words = np.zeros((4, 3), dtype=np.uint8)
+        iov = Interleaved(words, target[:, 2:14]).iovec()  # 3 bytes here, 12 there, in turn
+        assert dst.read_into_iovec(iov) is None  # nothing sent yet
+        payload = bytes(range(1, 36))
+        src.put_buffer(payload[:20])
+        for fd in memfds:
+            src.put_fd(fd)
+        src.flush()
+        wait_readable(dst)
+        nbytes, got_fds = dst.read_into_iovec(iov)
+        assert nbytes == 23 and len(got_fds) == 3  # a message with fds ends the read
+        assert [os.fstat(a).st_ino for a in got_fds] == [os.fstat(b).st_ino for b in memfds]
+        sent = payload[:20] + b"   "  # the fds' service bytes
+        assert words[0].tobytes() + target[0, 2:14].tobytes() + words[1].tobytes() + \
+            target[1, 2:7].tobytes() == sent
+        assert not target[:, :2].any() and not target[:, 14:].any() and not target[1:, 7:].any()
+        src.close()
+        wait_readable(dst)
+        assert dst.read_into_iovec(iov) == (0, [])
+    finally:
+        src.close()
+        dst.close()
+        for fd in memfds + got_fds:
+            os.close(fd)
+
+
+def test_read_into_iovec_refuses_to_pass_bytes_the_channel_holds(no_fd_leak):
+    src, dst = channel_pair()
+    with src, dst:
+        src.put_buffer(b"\x00\x00\x00\x07rest")
+        src.flush()
+        assert dst.get_be32() == 7  # "rest" is held now
+        with pytest.raises(ChannelError, match="bytes read before"):
+            dst.read_into_iovec(Interleaved(np.zeros((1, 8), np.uint8), np.zeros((1, 8), np.uint8)).iovec())
+
+
+def wait_readable(f: QEMUFile) -> None:
+    f.settimeout(10)
+    f.wait_readable()
