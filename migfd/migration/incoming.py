@@ -71,9 +71,9 @@ READ_BYTES = 1 << 20
 #: A message that carries fds ends a read, so the switchover reads once per fd
 #: batch (once per fd unbatched): 64 KiB of fill cost ~1 µs more a read than 4 KiB
 READ_BYTES_MIN = 4 << 10
-#: page records a guessed read takes at most (1 MiB of records, 512 buffers: under IOV_MAX),
-#: and the fewest worth guessing
-GUESS_PAGES = 256
+#: page records a guessed read takes at most (2 MiB of records: 1024 iovec entries,
+#: IOV_MAX), and the fewest worth guessing
+GUESS_PAGES = 512
 GUESS_PAGES_MIN = 2
 PAGE = TARGET_PAGE_SIZE
 _ZERO_PAGE = bytes(PAGE)

@@ -45,7 +45,7 @@ def data_pages(size_mib: int) -> int:
 RAM_DATA_PAGES = data_pages(RAM_MIB)
 SLOW_RAM_MIB = 32
 #: max-bandwidth that makes one precopy pass of SLOW_RAM_MIB filled RAM take about 4 s
-#: (pages go out in 1 MiB batches, each followed by the pause that keeps to the bandwidth)
+#: (pages go out in batches of BATCH_PAGES, each followed by the pause that keeps to the bandwidth)
 SLOW_BANDWIDTH = 8 << 20
 
 
