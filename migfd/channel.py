@@ -461,14 +461,14 @@ class QEMUFile:
         Without ``block``, None when nothing has arrived. ``(b"", [])`` is the
         end of the stream.
         """
-        got = self._receive_into([self._scratch_view], block)
+        got = self._receive_into(self._scratch_view, block)
         if got is None:
             return None
         nbytes, fds = got
         return self._scratch_view[:nbytes], fds
 
-    def _receive_into(self, buffers: list, block: bool) -> tuple[int, list[int]] | None:
-        """One read from the kernel into ``buffers``, in order: how many bytes, and the fds with them.
+    def _receive_into(self, buffer: memoryview, block: bool) -> tuple[int, list[int]] | None:
+        """One read from the kernel into ``buffer``: how many bytes, and the fds with them.
 
         Without ``block``, None when nothing has arrived. ``(0, [])`` is the
         end of the stream.
@@ -479,20 +479,24 @@ class QEMUFile:
         try:
             if self._sock is None:
                 assert self._file is not None
-                nbytes = os.readv(self._file.fileno(), buffers)
+                nbytes = self._file.readinto(buffer) or 0
                 fds: list[int] = []
             else:
-                got = self._recvmsg(buffers)
+                got = self._recvmsg([buffer])
                 while got is None:
                     if not block:
                         return None
                     self.wait_readable()
-                    got = self._recvmsg(buffers)
+                    got = self._recvmsg([buffer])
                 nbytes, fds = got
         except TimeoutError as exc:
             raise self._io_error("timed out waiting for data") from exc
         except OSError as exc:
             raise self._io_error(f"read failed: {exc.strerror or exc}") from exc
+        return self._received(nbytes, fds)
+
+    def _received(self, nbytes: int, fds: list[int]) -> tuple[int, list[int]]:
+        """Count a read's bytes and fds; a read of nothing is the end of the stream."""
         if not nbytes:
             self._eof = True
             close_fds(fds)
@@ -546,7 +550,7 @@ class QEMUFile:
         without ``block``, None when nothing has arrived.
         """
         if not self.holds_input:
-            return self._receive_into([buffer], block)
+            return self._receive_into(buffer, block)
         nbytes = min(len(buffer), len(self._rbuf) - self._rpos)
         buffer[:nbytes] = self._rbuf[self._rpos:self._rpos + nbytes]
         self._rpos += nbytes
@@ -597,13 +601,7 @@ class QEMUFile:
         if self._sock is not None and hdr.msg_flags & _MSG_CTRUNC:
             close_fds(fds)
             raise ChannelError(f"{self.name}: control message truncated, fds were lost")
-        if not nbytes:
-            self._eof = True
-            close_fds(fds)
-            return 0, []
-        self.bytes_received += nbytes
-        self.fds_received += len(fds)
-        return nbytes, fds
+        return self._received(nbytes, fds)
 
     def read_into_buffers(self, buffers: Sequence[memoryview]) -> None:
         """Fill every one of ``buffers`` (writable byte views), in order, with the next bytes.
