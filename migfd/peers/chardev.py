@@ -58,6 +58,10 @@ class ChardevClient:
         self.rate_per_s = rate_per_s
         self.connect_timeout_s = connect_timeout_s
         self._stop = threading.Event()
+        #: stop() asks the thread to send no more lines (it goes on reading echoes),
+        #: and the thread says it has sent its last one
+        self._quiet = threading.Event()
+        self._quiet_seen = threading.Event()
         self._thread: threading.Thread | None = None
         self.sent = 0
         self.echoed: set[int] = set()
@@ -111,7 +115,9 @@ class ChardevClient:
                 now_ns = time.monotonic_ns()
                 self.own_gaps.note(woke, now_ns)
                 woke = now_ns
-                if now >= next_send:
+                if self._quiet.is_set():
+                    self._quiet_seen.set()
+                elif now >= next_send:
                     try:
                         sock.sendall(f"{self.sent}\n".encode())
                         self.sent += 1
@@ -153,6 +159,13 @@ class ChardevClient:
         return self._connect()
 
     def stop(self, drain_s: float = 0.5) -> ChardevReport:
+        # Sending stops first, then the echoes drain: a line sent after the drain
+        # had seen every echo would otherwise count as lost.
+        self._quiet.set()
+        limit = time.monotonic() + drain_s + 5
+        while (self._thread is not None and self._thread.is_alive() and not self._quiet_seen.wait(0.005)
+               and time.monotonic() < limit):
+            pass
         deadline = time.monotonic() + drain_s
         while len(self.echoed) < self.sent and time.monotonic() < deadline:
             time.sleep(0.005)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(60)
 class EchoPeer:
     """Echoes every line; ``hold`` stops reading for a while; ``drop`` closes the connection once."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, delay_s: float = 0.0):
+        self.delay_s = delay_s  # each echo waits this long: lines are always in flight
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
         self.server.listen(2)
@@ -47,6 +48,7 @@ class EchoPeer:
                         data = conn.recv(65536)
                         if not data:
                             break
+                        time.sleep(self.delay_s)
                         conn.sendall(data)
                     except OSError:
                         break
@@ -86,6 +88,22 @@ def test_the_client_process_reports_what_its_peer_did(connected):
     gaps = [b - a for a, b in zip(report.arrivals_ns, report.arrivals_ns[1:])]
     assert max(gaps) >= 90_000_000 and report.max_gap_ns >= 90_000_000
     assert report.own_gaps is not None and report.own_gaps.limit_ns > 1_000_000
+
+
+def test_lines_in_flight_at_the_stop_are_drained_not_lost(tmp_path):
+    """A peer that echoes 20 ms late has lines in flight at every moment: the client
+    must stop sending before it drains, or the last lines count as lost."""
+    peer = EchoPeer(str(tmp_path / "late.sock"), delay_s=0.02)
+    client = ChardevClientProcess(str(tmp_path / "late.sock"), rate_per_s=1000)
+    try:
+        client.start()
+        assert client.wait_echoes(100)
+        report = client.stop(drain_s=1.0)
+    finally:
+        client.kill()
+        peer.close()
+    assert client.error is None
+    assert report.lines_sent > 100 and report.lost == [] and report.lines_echoed == report.lines_sent
 
 
 def test_a_client_process_that_died_gives_a_clear_error_not_a_report(connected):
