@@ -119,20 +119,17 @@ def advance_iovec(iov: np.ndarray, nbytes: int) -> np.ndarray:
     return rest
 
 
-def _cmsg_fds(control: bytes) -> list[int]:
-    """The SCM_RIGHTS fds of a received control buffer."""
-    fds: list[int] = []
+def _cmsgs(control: bytes) -> list[tuple[int, int, bytes]]:
+    """A received control buffer's messages as (level, type, data), as the socket module gives them."""
+    out = []
     at = 0
     while at + _CMSG_HEADER.size <= len(control):
         length, level, kind = _CMSG_HEADER.unpack_from(control, at)
         if length < _CMSG_HEADER.size:
             break
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            payload = control[at + _CMSG_HEADER.size:at + length]
-            usable = len(payload) - len(payload) % _FD_SIZE
-            fds.extend(array.array("i", payload[:usable]))
+        out.append((level, kind, control[at + _CMSG_HEADER.size:at + length]))
         at += (length + _CMSG_ALIGN - 1) & ~(_CMSG_ALIGN - 1)
-    return fds
+    return out
 
 
 _ANCBUF = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
@@ -527,17 +524,22 @@ class QEMUFile:
             nbytes, ancdata, flags, _ = self._sock.recvmsg_into(buffers, _ANCBUF, _RECV_FLAGS)
         except BlockingIOError:
             return None
+        return nbytes, self._claim_fds(ancdata, flags, start)
+
+    def _claim_fds(self, ancdata: list[tuple[int, int, bytes]], flags: int, start_ns: int) -> list[int]:
+        """The fds a read received (SCM_RIGHTS); a truncated control message is fatal,
+        because the kernel has then dropped fds silently."""
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _FD_SIZE
                 fds.extend(array.array("i", payload[:usable]))
         if fds and self.timeline is not None:
-            self.timeline.add("fds-received", start, time.monotonic_ns())
+            self.timeline.add("fds-received", start_ns, time.monotonic_ns())
         if flags & _MSG_CTRUNC:
             close_fds(fds)
             raise ChannelError(f"{self.name}: control message truncated, fds were lost")
-        return nbytes, fds
+        return fds
 
     def read_into(self, buffer: memoryview, block: bool = True) -> tuple[int, list[int]] | None:
         """What has arrived, written into ``buffer``: how many bytes, and the fds with them.
@@ -594,13 +596,8 @@ class QEMUFile:
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return None
             raise self._io_error(f"read failed: {os.strerror(err)}") from OSError(err, os.strerror(err))
-        if self._sock is not None and hdr.msg_controllen:
-            fds = _cmsg_fds(self._control.raw[:hdr.msg_controllen])
-            if fds and self.timeline is not None:
-                self.timeline.add("fds-received", start, time.monotonic_ns())
-        if self._sock is not None and hdr.msg_flags & _MSG_CTRUNC:
-            close_fds(fds)
-            raise ChannelError(f"{self.name}: control message truncated, fds were lost")
+        if self._sock is not None:
+            fds = self._claim_fds(_cmsgs(self._control.raw[:hdr.msg_controllen]), hdr.msg_flags, start)
         return self._received(nbytes, fds)
 
     def read_into_buffers(self, buffers: Sequence[memoryview]) -> None:

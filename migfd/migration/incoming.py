@@ -76,7 +76,6 @@ READ_BYTES_MIN = 4 << 10
 GUESS_PAGES = 512
 GUESS_PAGES_MIN = 2
 PAGE = TARGET_PAGE_SIZE
-_ZERO_PAGE = bytes(PAGE)
 
 log = logging.getLogger("migfd.migration")
 

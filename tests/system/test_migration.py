@@ -11,22 +11,28 @@ holds nothing it received.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
+import numpy as np
 from helpers import (
-    FakeDestination, memfd_inodes, proc_fds, run_vm_test, sockets_of, wait_until,
+    FakeDestination, connect_as_source, memfd_inodes, proc_fds, run_vm_test, sockets_of, wait_until,
 )
 from qemu.qmp import EventListener, ExecuteError
 
 from migfd.layout import first_data_page
 from migfd.peers.chardev import ChardevClient
 from migfd.peers.migrate import migrate
+from migfd.params import MigrationParameters
+from migfd.stream import MemorySink, PageBatch, RamBlock, StreamWriter
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -503,6 +509,45 @@ def test_state_copy_of_scattered_pages_among_zero_ones_loads_every_page(vms):
         ram = (await verify_ram(dst))["ram0"]
         assert ram["ok"] and ram["bad-pages"] == 0
         assert 0 < ram["pages-stamped"] < data_pages(RAM_MIB)  # zero pages between them
+
+    run_vm_test(vms, body)
+
+
+@pytest.mark.parametrize("cut", ["after page 3", "inside page 4", "inside zero page 6"])
+def test_a_wrong_guess_gives_its_bytes_back_to_the_reader_at_their_offset(vms, thread_accel, cut):
+    """The destination loads the pages before the cut, then waits holding at most the
+    start of a record: it guesses that the next pages come, in order. Two more do,
+    then a zero page, a page, the section's end and a byte no stream may hold. Every
+    byte after the guessed records, the held ones included, must reach the reader
+    once, in order, at its stream offset: the error names that byte, where it is."""
+    async def body():
+        dst, f = await connect_as_source(vms, ("memory-backend-memfd,id=ram0,size=1M",), {})
+        sink = MemorySink()
+        w = StreamWriter(sink)
+        w.write_header()
+        w.write_configuration("migfd-pc", MigrationParameters().capabilities())
+        w.write_ram_start([RamBlock("ram0", 1 << 20)])
+        rows = np.full((8, 4096), 0x42, dtype=np.uint8)
+        rows[6] = 0  # a zero page breaks the run
+        w.write_ram_part([PageBatch("ram0", np.arange(8, dtype=np.uint64) * 4096, rows)])
+        data = sink.getvalue() + b"\x7f"
+        record = {"after page 3": (3, 8 + 4096), "inside page 4": (4, 100), "inside zero page 6": (6, 5)}[cut]
+        word = record[0] * 4096 | (0x22 if record[0] == 6 else 0x28)  # ZERO or PAGE, CONTINUE
+        at = data.index(word.to_bytes(8, "big")) + record[1]
+        try:
+            f.put_buffer(data[:at])
+            f.flush()
+            sock = f._sock
+            await wait_until(lambda: fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0") == b"\0\0\0\0",
+                             what="the destination reading up to the cut")
+            await asyncio.sleep(0.2)  # and parsing it: it waits for more, guessing
+            f.put_buffer(data[at:])
+            f.flush()
+            info = await dst.wait_migration(30)
+        finally:
+            f.close()
+        assert info["status"] == "failed"
+        assert f"unknown section type 0x7f (at byte offset {len(data) - 1})" in info["error-desc"], info
 
     run_vm_test(vms, body)
 
